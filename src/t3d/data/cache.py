@@ -86,7 +86,8 @@ class StudyCache:
         path = self.root / "index.jsonl"
         if not path.is_file():
             raise FileNotFoundError(
-                f"{self.root} is not a t3d cache (no index.jsonl); run `t3d preprocess --manifest ... --out {self.root}`"
+                f"{self.root} is not a t3d cache (no index.jsonl); "
+                f"run `t3d preprocess --manifest ... --out {self.root}`"
             )
         with path.open(encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
