@@ -62,6 +62,11 @@ class StudyMeta:
     has_label: bool = False
     preprocess: dict[str, Any] = field(default_factory=dict)
     """The preprocessing settings used (target spacing, orientation, ...)."""
+    label_source: str = ""
+    """Absolute path of the source label map, if any."""
+    source_stat: str = ""
+    """Fingerprint of the source files' paths, sizes and mtimes when ``source_hash`` was computed: re-runs skip a
+    study whose fingerprint is unchanged without re-hashing it (``source_hash`` stays the truth)."""
 
 
 def safe_key(study_id: str) -> str:
@@ -168,10 +173,12 @@ class StudyCache:
 
 def foreground_points(image: np.ndarray, seed: int = 0, threshold: float = FOREGROUND_HU) -> np.ndarray:
     """A random sample (at most MAX_FG_POINTS) of voxel indices with HU above ``threshold``: (N, 3) int32."""
-    idx = np.argwhere(np.asarray(image) > threshold)
-    if len(idx) > MAX_FG_POINTS:
-        idx = idx[np.random.default_rng(seed).choice(len(idx), MAX_FG_POINTS, replace=False)]
-    return idx.astype(np.int32)
+    image = np.asarray(image)
+    # Same points as np.argwhere + choice, without argwhere's (N, 3) int64 array (GBs for a whole CT at 0.8 mm).
+    flat = np.flatnonzero(image > threshold)
+    if len(flat) > MAX_FG_POINTS:
+        flat = flat[np.random.default_rng(seed).choice(len(flat), MAX_FG_POINTS, replace=False)]
+    return np.stack(np.unravel_index(flat, image.shape), axis=1).astype(np.int32).reshape(-1, image.ndim)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
