@@ -1,0 +1,17 @@
+"""Image encoders, projection heads and the text-conditioned restoration decoder (METHOD §3)."""
+
+from t3d.models.encoders import PRESETS, Encoder, ResNetEncoder, SwinEncoder, build_encoder, check_crop_size
+from t3d.models.heads import LogitScale, ProjectionHead
+from t3d.models.restoration import RestorationDecoder
+
+__all__ = [
+    "PRESETS",
+    "Encoder",
+    "LogitScale",
+    "ProjectionHead",
+    "ResNetEncoder",
+    "RestorationDecoder",
+    "SwinEncoder",
+    "build_encoder",
+    "check_crop_size",
+]
