@@ -1,0 +1,71 @@
+"""The method table of METHOD §5 as data: every baseline and ablation is one row, one code path.
+
+    spec = method_spec(cfg.method)
+    if spec.restore:                   # decoder conditioning: spec.conditioning_for(cfg.model.conditioning)
+
+``random`` (no pre-training) is not a pre-training method and has no row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from t3d.config import METHODS
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Which terms a pre-training method uses."""
+
+    name: str
+    view: bool
+    """L_view: contrastive between the two overlapping views of each crop site."""
+    soft_targets: bool
+    """Y from report affinities (True) or Y = I (False) for every contrastive term."""
+    align: str
+    """L_align: ``none``, ``global`` (study embedding vs report) or ``sentence`` (best crop per sentence)."""
+    restore: bool
+    """TIR: masked restoration of each crop."""
+    conditioning: str | None
+    """Restoration decoder conditioning: ``film`` / ``cross_attention`` / ``none``; None = ``model.conditioning``."""
+    whole_volume: bool = False
+    """Input is the whole volume resized to ``clip.grid`` instead of crops (the ``clip`` baseline)."""
+
+    @property
+    def contrastive(self) -> bool:
+        """Any TCL term is on (so Y is needed)."""
+        return self.view or self.align != "none"
+
+    @property
+    def uses_text(self) -> bool:
+        """The run needs report features (soft targets, alignment or a text-conditioned decoder)."""
+        return self.soft_targets or self.align != "none" or (self.restore and self.conditioning != "none")
+
+    def conditioning_for(self, model_conditioning: str) -> str:
+        """The decoder conditioning to build: this method's fixed choice, or the model config's."""
+        return self.conditioning if self.conditioning is not None else model_conditioning
+
+
+# fmt: off
+_TABLE = (
+    # name                  view   soft   align       restore conditioning       whole_volume
+    ("t3d",                 True,  True,  "global",   True,   None,              False),
+    ("t3d-no-align",        True,  True,  "none",     True,   None,              False),
+    ("t3d-hard",            True,  False, "global",   True,   None,              False),
+    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False),
+    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False),
+    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False),
+    ("vssl",                True,  False, "none",     True,   "none",            False),
+    ("vssl-contrastive",    True,  False, "none",     False,  "none",            False),
+    ("vssl-restore",        False, False, "none",     True,   "none",            False),
+    ("clip",                False, False, "global",   False,  "none",            True),
+)
+# fmt: on
+_SPECS = {row[0]: MethodSpec(*row) for row in _TABLE}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The row of METHOD §5 for ``name`` (one of ``t3d.config.METHODS``)."""
+    if name not in _SPECS:
+        raise ValueError(f"unknown pre-training method {name!r}; choose one of {', '.join(METHODS)}")
+    return _SPECS[name]
