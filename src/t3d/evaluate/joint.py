@@ -1,0 +1,192 @@
+"""A pre-training checkpoint as an evaluator: study features, study embeddings and text embeddings (METHOD §6).
+
+    jm = load_joint("runs/pretrain")                               # run folder or .pt file
+    data = study_dataset(jm.cfg, jm.spec, "cache", ids)            # grid crops (whole volume for ``clip``)
+    u, ids = image_embeddings(jm, data)                            # (N, E) unit norm: normalise(mean_k z_k)
+    t = text_embeddings(jm, ["There is a nodule."], "text_cache")  # (M, E) unit norm
+
+A study embedding is built as in pre-training (``PretrainModel``: ``u = normalise(mean_k z_k)`` over the study's
+crop embeddings), here over the deterministic grid of ``t3d.evaluate.grid`` instead of random sites. Text goes
+through the same frozen encoder the checkpoint was trained with, is centred by the checkpoint's ``text_mean`` (the
+pre-training corpus mean, not the mean of the new texts: a handful of prompts has a very different mean) and is
+projected by the text head.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from t3d.checkpoint import load_checkpoint
+from t3d.config import PretrainConfig, TextConfig, from_dict
+from t3d.data.crops import WholeVolumeDataset
+from t3d.evaluate.grid import GridCropDataset
+from t3d.losses import MethodSpec, method_spec
+from t3d.pretrain.model import PretrainModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JointModel:
+    """A loaded pre-training checkpoint (model in eval mode on ``device``)."""
+
+    path: str
+    cfg: PretrainConfig
+    spec: MethodSpec
+    model: PretrainModel
+    text_mean: torch.Tensor
+    """(Et,) mean of the frozen report embeddings of the pre-training corpus."""
+    text_model: str
+    """Id of the frozen text encoder the checkpoint was trained with."""
+    step: int
+    device: torch.device
+
+    @property
+    def method(self) -> str:
+        return self.spec.name
+
+    @property
+    def has_joint_space(self) -> bool:
+        return self.model.text_head is not None
+
+    def require_joint_space(self) -> None:
+        """Raise for checkpoints trained without image-text alignment (vssl, t3d-no-align, ...)."""
+        if not self.has_joint_space:
+            raise ValueError(
+                f"checkpoint {self.path} (method '{self.method}') has no joint image-text space: it was pre-trained "
+                "without image-report alignment, so zero-shot classification and retrieval are undefined; use "
+                "`t3d finetune cls --probe` to evaluate its encoder, or a checkpoint of t3d, t3d-hard, clip, ..."
+            )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_joint(path: str | Path, device: torch.device | None = None) -> JointModel:
+    """Rebuild ``PretrainModel`` from a checkpoint file or run folder (strict key matching), in eval mode."""
+    device = device or default_device()
+    state = load_checkpoint(path)
+    missing = [k for k in ("model", "config", "method") if k not in state]
+    if missing:
+        raise ValueError(
+            f"{path} is not a t3d pre-training checkpoint (no {', '.join(missing)}); pass a file written by "
+            "`t3d pretrain` (its run folder or checkpoints/*.pt)"
+        )
+    cfg = from_dict(PretrainConfig, state["config"])
+    spec = method_spec(state["method"])
+    text_mean = state.get("text_mean")
+    if text_mean is None:
+        raise ValueError(f"{path} has no text_mean; it was not written by `t3d pretrain` of this version")
+    model = PretrainModel(cfg, spec, text_dim=len(text_mean))
+    model.load_state_dict(state["model"], strict=True)
+    model.to(device).eval()
+    log.info("loaded %s: method %s, step %s", path, spec.name, state.get("step"))
+    return JointModel(
+        path=str(path),
+        cfg=cfg,
+        spec=spec,
+        model=model,
+        text_mean=text_mean.float(),
+        text_model=str(state.get("text_model", "")),
+        step=int(state.get("step", 0)),
+        device=device,
+    )
+
+
+def study_dataset(
+    cfg: PretrainConfig,
+    spec: MethodSpec,
+    cache: str | Path,
+    ids: list[str] | None = None,
+    overlap: float = 0.25,
+    max_crops: int = 27,
+) -> Dataset:
+    """How the checkpoint's encoder sees a whole study: grid crops at its crop size and windows, or for a
+    whole-volume method (``clip``) the whole volume resized to its ``clip.grid``."""
+    if spec.whole_volume:
+        return WholeVolumeDataset(cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids)
+    return GridCropDataset(cache, cfg.crops.size, cfg.crops.windows, ids=ids, overlap=overlap, max_crops=max_crops)
+
+
+def study_crops(item: dict) -> torch.Tensor:
+    """The (K, C, D, H, W) inputs of one dataset item: its grid crops, or its whole volume as K = 1."""
+    return item["crops"] if "crops" in item else item["volume"][None]
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on GPU (as pre-training's ``precision: auto``), nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def encode_studies(
+    dataset: Dataset,
+    crop_fn: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    crop_batch: int = 8,
+    workers: int = 0,
+    desc: str = "encode studies",
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Per study, ``crop_fn`` of its crops in chunks of ``crop_batch``: ([(K_s, F) float32 on CPU], ids)."""
+    loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
+    feats, ids = [], []
+    for item in tqdm(loader, desc=desc, unit="study"):
+        crops = study_crops(item)
+        with autocast_for(device):
+            out = [crop_fn(chunk.to(device, non_blocking=True)) for chunk in crops.split(crop_batch)]
+        feats.append(torch.cat(out).float().cpu())
+        ids.append(item["id"])
+    return feats, ids
+
+
+def image_embeddings(
+    jm: JointModel, dataset: Dataset, crop_batch: int = 8, workers: int = 0
+) -> tuple[torch.Tensor, list[str]]:
+    """Study embeddings (N, E), unit norm: normalise(mean over the study's crops of the image head's z)."""
+    model = jm.model
+
+    def crop_fn(x: torch.Tensor) -> torch.Tensor:
+        return model.image_head(model.encoder.pool(model.encoder.forward_features(x)))  # (K, E) unit norm
+
+    per_study, ids = encode_studies(dataset, crop_fn, jm.device, crop_batch, workers, desc="image embeddings")
+    return F.normalize(torch.stack([z.mean(dim=0) for z in per_study]), dim=-1), ids
+
+
+def text_config(jm: JointModel, model: str | None = None) -> TextConfig:
+    """The checkpoint's text settings, optionally pointing at another copy of the same encoder (``model``)."""
+    return replace(jm.cfg.text, model=model) if model else jm.cfg.text
+
+
+@torch.no_grad()
+def text_embeddings(
+    jm: JointModel, texts: list[str], cache_dir: str | Path, text_model: str | None = None
+) -> torch.Tensor:
+    """(M, E) unit-norm joint-space embeddings of ``texts``: frozen encoder -> centre by the checkpoint's corpus
+    mean -> normalise -> text head (the pre-training path of ``TextLookup``)."""
+    from t3d.text import load_text_features
+
+    jm.require_joint_space()
+    feats = load_text_features(list(texts), text_config(jm, text_model), cache_dir)
+    if jm.text_model and feats.model_id != jm.text_model:
+        raise ValueError(
+            f"checkpoint {jm.path} was trained with text encoder '{jm.text_model}' but text.model resolves to "
+            f"'{feats.model_id}'; pass --text-model pointing at the same weights"
+        )
+    frozen = F.normalize(feats.pooled.float() - jm.text_mean, dim=-1)  # (M, Et)
+    return jm.model.text_head(frozen.to(jm.device)).float().cpu()  # (M, E)
+
+
+def logit_scale(jm: JointModel) -> float:
+    """The learnt inverse temperature 1/tau of the alignment logits."""
+    jm.require_joint_space()
+    return float(jm.model.logit_scale().detach())

@@ -1,0 +1,81 @@
+"""`t3d embed`: image / feature / text embeddings of a manifest with an id index."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cls_helpers import synth_dataset, write_checkpoint
+from t3d.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed")
+    return {
+        "data": synth_dataset(root / "data", num_studies=8),
+        "t3d": write_checkpoint(root / "ck_t3d", "t3d"),
+        "vssl": write_checkpoint(root / "ck_vssl", "vssl"),
+        "root": root,
+    }
+
+
+def _embed(tiny, method: str, out_name: str, extra=()):
+    out = tiny["root"] / out_name
+    args = ["embed", "--checkpoint", str(tiny[method]), "--manifest", str(tiny["data"] / "reports.jsonl")]
+    assert main(args + ["--out", str(out), "--workers", "0", "--max-crops", "2", *extra]) == 0
+    return out
+
+
+def test_embed_writes_aligned_image_feature_and_text_embeddings(tiny, capsys):
+    out = _embed(tiny, "t3d", "emb_t3d")
+    assert "8 studies" in capsys.readouterr().out
+    ids = json.loads((out / "ids.json").read_text())
+    manifest_ids = [json.loads(line)["id"] for line in (tiny["data"] / "reports.jsonl").read_text().splitlines()]
+    assert ids == manifest_ids
+    image, feats, text = (np.load(out / f"{n}.npy") for n in ("image", "features", "text"))
+    assert image.shape == (8, 16) and text.shape == (8, 16) and feats.shape == (8, 128)
+    assert image.dtype == np.float32 and text.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-5)
+    assert len({tuple(np.round(r, 5)) for r in image}) == 8  # studies differ
+    with (out / "index.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["id"] for r in rows] == ids and all(r["has_text"] == "1" for r in rows)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["method"] == "t3d" and meta["image_dim"] == 16 and meta["text"] is True
+
+
+def test_image_embedding_is_the_normalised_mean_of_grid_crop_embeddings(tiny):
+    from t3d.evaluate.grid import GridCropDataset
+    from t3d.evaluate.joint import load_joint
+
+    out = tiny["root"] / "emb_t3d"
+    if not out.is_dir():
+        out = _embed(tiny, "t3d", "emb_t3d")
+    jm = load_joint(tiny["t3d"], device=torch.device("cpu"))
+    ds = GridCropDataset(out / "cache", jm.cfg.crops.size, jm.cfg.crops.windows, max_crops=2)
+    item = ds[0]
+    with torch.no_grad():
+        z = jm.model.image_head(jm.model.encoder.pool(jm.model.encoder.forward_features(item["crops"])))
+    expected = F.normalize(z.mean(dim=0), dim=-1).numpy()
+    row = json.loads((out / "ids.json").read_text()).index(item["id"])
+    np.testing.assert_allclose(np.load(out / "image.npy")[row], expected, atol=1e-5)
+
+
+def test_embed_without_text_head_writes_no_text(tiny):
+    out = _embed(tiny, "vssl", "emb_vssl")
+    assert not (out / "text.npy").exists()
+    assert np.load(out / "image.npy").shape == (8, 16)
+    assert json.loads((out / "meta.json").read_text())["text"] is False
+
+
+def test_embed_of_one_split(tiny):
+    out = _embed(tiny, "vssl", "emb_split", ["--splits", str(tiny["data"] / "splits.json"), "--split", "test"])
+    want = json.loads((tiny["data"] / "splits.json").read_text())["test"]
+    assert sorted(json.loads((out / "ids.json").read_text())) == sorted(want)
