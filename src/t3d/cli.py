@@ -19,6 +19,12 @@ COMMAND_MODULES = [
     "t3d.demo",
     "t3d.data.synthetic.command",
     "t3d.data.preprocess",
+    "t3d.pretrain.main",
+    "t3d.finetune.command",
+    "t3d.predict",
+    "t3d.export",
+    "t3d.evaluate.command",
+    "t3d.embed",
 ]
 
 

@@ -100,6 +100,16 @@ class CropConfig:
             raise ConfigError(f"crops.sites must be >= 1, got {self.sites}")
         if not 0 <= self.max_shift <= 0.5:
             raise ConfigError(f"crops.max_shift must be in [0, 0.5] (fraction of crop size), got {self.max_shift}")
+        for name in ("foreground_prob", "flip_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"crops.{name} must be a probability in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.intensity_scale < 1 or self.intensity_shift < 0:
+            raise ConfigError(
+                f"crops.intensity_scale must be in [0, 1) and crops.intensity_shift >= 0, "
+                f"got {self.intensity_scale}, {self.intensity_shift}"
+            )
+        if not self.windows:
+            raise ConfigError("crops.windows needs at least one (low, high) HU window")
         for lo, hi in self.windows:
             if hi <= lo:
                 raise ConfigError(f"crops.windows: each window needs low < high HU, got ({lo}, {hi})")
@@ -144,13 +154,25 @@ class TextConfig:
     """Text feature cache; empty = ``<data.cache>/text``."""
     batch_size: int = 32
     """Reports per encoder forward pass when filling the cache."""
+    device: str = "cpu"
+    """Torch device for the encoder while filling the cache (``cpu``, ``cuda``, ``cuda:1``); training never runs it."""
+    trust_remote_code: bool = False
+    """Let a model folder run its own modelling code (needed by e.g. CXR-BERT-specialized); off by default."""
 
     def __post_init__(self) -> None:
         _check_choice("text.pooling", self.pooling, ("mean", "cls"))
         _check_choice("text.sections", self.sections, ("findings", "impression", "both"))
+        if self.max_length < 2 or self.batch_size < 1:
+            raise ConfigError(
+                f"text.max_length (>= 2) or text.batch_size (>= 1) is wrong: {self.max_length}, {self.batch_size}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------- model
+
+
+ENCODER_PRESETS = {"swinvit": ("tiny", "small", "base"), "resnet": ("tiny", "10", "18", "50")}
+"""Valid ``model.preset`` per ``model.encoder`` (mirrors t3d.models.encoders.PRESETS; a test checks they agree)."""
 
 
 @dataclass
@@ -160,7 +182,10 @@ class ModelConfig:
     encoder: str = "swinvit"
     """``swinvit`` (MONAI SwinUNETR's Swin encoder) or ``resnet`` (MONAI 3D ResNet)."""
     preset: str = "tiny"
-    """swinvit: ``tiny`` (CPU/tests), ``small``, ``base`` (feature size 48); resnet: ``10``, ``18``, ``50``."""
+    """swinvit: ``tiny`` (feature size 12, CPU/tests), ``small`` (24), ``base`` (48); resnet: ``tiny`` (ResNet-10 at
+    quarter width, CPU/tests), ``10``, ``18``, ``50``."""
+    swin_v2: bool = False
+    """swinvit only: SwinUNETR-v2 residual conv block before each stage (load into ``SwinUNETR(use_v2=True)``)."""
     embed_dim: int = 128
     """E: width of the joint image/text space."""
     grad_checkpointing: bool = False
@@ -170,6 +195,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model.encoder", self.encoder, ("swinvit", "resnet"))
+        _check_choice(f"model.preset (for model.encoder={self.encoder})", self.preset, ENCODER_PRESETS[self.encoder])
         _check_choice("model.conditioning", self.conditioning, ("film", "cross_attention", "none"))
 
 
@@ -206,8 +232,8 @@ class LossConfig:
 class ClipConfig:
     """The ``clip`` baseline: the whole volume downsampled to a fixed grid (CT-CLIP style)."""
 
-    grid: tuple[int, int, int] = (64, 64, 48)
-    """Voxels the whole volume is resized to."""
+    grid: tuple[int, int, int] = (128, 128, 64)
+    """Voxels the whole volume is resized to (multiples of 32 for the encoders)."""
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -229,14 +255,14 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     precision: str = "auto"
-    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16`` or ``fp32``."""
+    """``auto`` (bf16 autocast on GPU, fp32 on CPU), ``bf16``, ``fp16`` (with a gradient scaler) or ``fp32``."""
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     """Older step checkpoints beyond this many are deleted (the final one is always kept)."""
 
     def __post_init__(self) -> None:
-        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1:
             raise ConfigError("train.steps, train.batch_size and train.accumulate must be >= 1")
 

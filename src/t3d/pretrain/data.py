@@ -1,0 +1,117 @@
+"""What a pre-training step reads: crops (or whole volumes for ``clip``) and the cached frozen report features."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from t3d import distributed as dist
+from t3d.config import PretrainConfig
+from t3d.data.cache import StudyCache
+from t3d.data.crops import CropDataset, WholeVolumeDataset
+from t3d.losses import MethodSpec, calibrate_tau_text, target_self_prob, text_affinity_targets
+from t3d.text import clean_report, load_text_features, split_sections
+
+log = logging.getLogger(__name__)
+
+
+def split_ids(cfg: PretrainConfig) -> list[str] | None:
+    """Study ids of ``data.split`` in ``data.split_file``; None = every cached study."""
+    if not cfg.data.split_file:
+        return None
+    path = Path(cfg.data.split_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.split_file {path} does not exist")
+    splits = json.loads(path.read_text())
+    if cfg.data.split not in splits:
+        raise ValueError(f"data.split '{cfg.data.split}' is not in {path}; it holds: {', '.join(splits)}")
+    return list(splits[cfg.data.split])
+
+
+def build_dataset(cfg: PretrainConfig, spec: MethodSpec):
+    ids = split_ids(cfg)
+    if spec.whole_volume:
+        return WholeVolumeDataset(cfg.data.cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids)
+    return CropDataset(cfg.data.cache, cfg.crops, ids=ids, seed=cfg.seed)
+
+
+def report_text(row: dict, sections: str) -> str:
+    """The report of one cache-index row restricted to ``text.sections``."""
+    findings, impression = row.get("findings") or "", row.get("impression") or ""
+    if not findings and not impression:
+        findings, impression = split_sections(row.get("report") or "")
+    return clean_report(findings, impression, sections)
+
+
+class TextLookup:
+    """Frozen, centred report features of the training studies, indexed by cache-index row.
+
+    The corpus mean is taken over the *training* reports only (kept in checkpoints as ``text_mean``).
+    """
+
+    def __init__(self, cfg: PretrainConfig, spec: MethodSpec, rows: list[int], reports: list[str], device):
+        cache_dir = cfg.text.cache_dir or str(Path(cfg.data.cache) / "text")
+        conditioning = spec.conditioning or cfg.model.conditioning
+        want = {"tokens": spec.restore and conditioning == "cross_attention", "sentences": spec.align == "sentence"}
+        # Rank 0 fills the on-disk cache first; the others then only read it.
+        if dist.is_main():
+            feats = load_text_features(reports, cfg.text, cache_dir, **want)
+        dist.barrier()
+        if not dist.is_main():
+            feats = load_text_features(reports, cfg.text, cache_dir, progress=False, **want)
+        self.model_id = feats.model_id
+        self.dim = feats.pooled.shape[1]
+        self.mean = feats.mean
+        self.frozen = feats.centred().to(device)  # (N, Et)
+        self.position = torch.full((max(rows) + 1,), -1, dtype=torch.long)
+        self.position[torch.tensor(rows)] = torch.arange(len(rows))
+        self.tokens = feats.tokens.to(device) if want["tokens"] else None
+        self.token_mask = feats.token_mask.to(device) if want["tokens"] else None
+        self.sent, self.sent_ranges, self.sent_mean = None, None, None
+        if want["sentences"]:
+            self.sent = feats.centred_sentences().to(device)  # (S, Et)
+            # sent_owner is sorted (sentences are stored report by report): ranges from cumulative counts.
+            ends = torch.bincount(feats.sent_owner, minlength=len(rows)).cumsum(0).tolist()
+            self.sent_ranges = [torch.arange(a, b) for a, b in zip([0, *ends[:-1]], ends)]
+            self.sent_mean = feats.sent_mean
+        self.tau_text = self._temperature(cfg, spec, dist.world_size() * cfg.train.batch_size)
+
+    def _temperature(self, cfg: PretrainConfig, spec: MethodSpec, batch: int) -> float:
+        if not spec.soft_targets:
+            return 0.0
+        tau = cfg.loss.tau_text or calibrate_tau_text(self.frozen.cpu(), cfg.loss.target_self_prob, batch_size=batch)
+        probe = self.frozen[torch.randperm(len(self.frozen), generator=torch.Generator().manual_seed(0))[:batch]]
+        self_prob = target_self_prob(text_affinity_targets(probe.cpu(), tau))
+        log.info("text targets: tau_text=%.4f, mean self-probability in a batch of %d = %.3f", tau, batch, self_prob)
+        return float(tau)
+
+    def for_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        pos = self.position[batch["index"].cpu()]
+        if (pos < 0).any():
+            raise ValueError("a batch holds a study without text features (was the split changed mid-run?)")
+        out = {"frozen": self.frozen[pos.to(self.frozen.device)]}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens[pos.to(self.tokens.device)]
+            out["token_mask"] = self.token_mask[pos.to(self.tokens.device)]
+        if self.sent is not None:
+            picks = [self.sent_ranges[int(p)] for p in pos]
+            out["sent"] = self.sent[torch.cat(picks).to(self.sent.device)]
+            owner = torch.cat([torch.full((len(r),), b, dtype=torch.long) for b, r in enumerate(picks)])
+            out["sent_owner"] = owner.to(self.sent.device)
+        return out
+
+
+def build_text_lookup(cfg: PretrainConfig, spec: MethodSpec, dataset, device) -> TextLookup:
+    index = StudyCache(cfg.data.cache).index()
+    rows = sorted(int(row) for row, _ in dataset.studies)
+    reports = [report_text(index[i], cfg.text.sections) for i in rows]
+    empty = [index[i]["id"] for i, r in zip(rows, reports) if not r.strip()]
+    if empty:
+        raise ValueError(
+            f"{len(empty)} studies have no text in text.sections='{cfg.text.sections}' (e.g. {empty[0]}); "
+            "set text.sections=both or remove them"
+        )
+    return TextLookup(cfg, spec, rows, reports, device)

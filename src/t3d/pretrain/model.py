@@ -1,0 +1,97 @@
+"""The pre-training model: image encoder + projection heads + text-conditioned restoration decoder (METHOD §3).
+
+The model returns tensors; the loss is a separate object (``t3d.losses.PretrainObjective``). One forward pass serves
+both pretext tasks: with restoration on, the encoder sees the *masked* views (masking doubles as the strong
+augmentation of the contrastive views, as in Swin UNETR's SSL), the decoder restores them, and the pooled features
+of the same pass feed the contrastive heads. Methods without restoration see the clean views.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from t3d.config import PretrainConfig
+from t3d.losses import MethodSpec, corrupt, random_cube_mask
+from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, build_encoder
+
+
+class PretrainModel(nn.Module):
+    """Everything that carries trainable weights during pre-training.
+
+    ``text_dim``: width Et of the frozen report embedding. Frozen text features are inputs, not submodules: they
+    are computed once and cached (``t3d.text``), so training never runs the text encoder.
+    """
+
+    def __init__(self, cfg: PretrainConfig, spec: MethodSpec, text_dim: int):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        channels = cfg.crops.channels
+        size = cfg.clip.grid if spec.whole_volume else cfg.crops.size
+        self.encoder = build_encoder(cfg.model, in_channels=channels, img_size=tuple(size))
+        self.encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        width = cfg.model.embed_dim
+        self.image_head = ProjectionHead(self.encoder.embed_channels, width)
+        self.text_head = ProjectionHead(text_dim, width) if spec.align != "none" else None
+        self.logit_scale = LogitScale(cfg.loss.tau_align) if spec.align != "none" else None
+        self.conditioning = spec.conditioning or cfg.model.conditioning
+        self.decoder = (
+            RestorationDecoder(self.encoder.feature_channels, channels, text_dim, conditioning=self.conditioning)
+            if spec.restore
+            else None
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor], generator=None) -> dict:
+        """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``.
+
+        ``text``: per-study frozen features for this batch: ``frozen`` (B, Et) centred + normalised, and when needed
+        ``tokens`` (B, L, Et) / ``token_mask`` (B, L), ``sent`` (S, Et) / ``sent_owner`` (S,) local study indices.
+        """
+        if self.spec.whole_volume:
+            return self._forward_whole(batch["volume"], text)
+        views = batch["views"]
+        b, k, v = views.shape[:3]
+        x = views.flatten(0, 2)  # (B*K*2, C, D, H, W)
+        out: dict[str, torch.Tensor] = {"frozen_text": text["frozen"]}
+        if self.decoder is not None:
+            mask = random_cube_mask(
+                (x.shape[0], 1, *x.shape[2:]), self.cfg.loss.mask_ratio, self.cfg.loss.mask_block, generator
+            ).to(x.device)
+            x_in = corrupt(x, mask)
+        else:
+            x_in = x
+        feats = self.encoder.forward_features(x_in)
+        z = self.image_head(self.encoder.pool(feats))  # (B*K*2, E), L2-normalised
+        out["crop_emb"] = z.view(b, k, v, -1)
+        out["study_emb"] = nn.functional.normalize(z.view(b, k * v, -1).mean(dim=1), dim=-1)  # (B, E)
+        if self.decoder is not None:
+            cond, tokens, token_mask = self._conditioning_inputs(text, repeat=k * v)
+            out["restored"] = self.decoder(feats, cond=cond, tokens=tokens, token_mask=token_mask)
+            out["target"], out["mask"] = x, mask
+        self._text_outputs(out, text)
+        return out
+
+    def _forward_whole(self, volume: torch.Tensor, text: dict[str, torch.Tensor]) -> dict:
+        feats = self.encoder.forward_features(volume)
+        z = self.image_head(self.encoder.pool(feats))  # (B, E)
+        out = {"frozen_text": text["frozen"], "study_emb": z}
+        self._text_outputs(out, text)
+        return out
+
+    def _text_outputs(self, out: dict, text: dict[str, torch.Tensor]) -> None:
+        if self.text_head is None:
+            return
+        out["text_emb"] = self.text_head(text["frozen"])  # (B, E)
+        out["logit_scale"] = self.logit_scale()
+        if self.spec.align == "sentence":
+            out["sent_emb"] = self.text_head(text["sent"])  # (S, E)
+            out["sent_owner"] = text["sent_owner"]
+
+    def _conditioning_inputs(self, text: dict[str, torch.Tensor], repeat: int):
+        """Repeat each study's report features for its K*2 crops; None where the decoder is unconditioned."""
+        if self.conditioning == "none":
+            return None, None, None
+        if self.conditioning == "film":
+            return text["frozen"].repeat_interleave(repeat, dim=0), None, None
+        tokens = text["tokens"].repeat_interleave(repeat, dim=0)
+        return None, tokens, text["token_mask"].repeat_interleave(repeat, dim=0)
