@@ -46,11 +46,17 @@ def save_checkpoint(state: dict[str, Any], run_dir: str | Path, name: str, keep:
     pointer_tmp.write_text(f"checkpoints/{path.name}\n")
     pointer_tmp.replace(run_dir / LATEST)
     if keep is not None:
-        steps = sorted(folder.glob("step_*.pt"), key=lambda p: p.stat().st_mtime)
+        # By step number, not mtime: two saves within the file system's timestamp resolution would tie.
+        steps = sorted(folder.glob("step_*.pt"), key=_step_number)
         for old in steps[:-keep] if keep > 0 else steps:
             if old != path:
                 old.unlink(missing_ok=True)
     return path
+
+
+def _step_number(path: Path) -> tuple[int, str]:
+    digits = path.stem.removeprefix("step_")
+    return (int(digits), path.name) if digits.isdigit() else (-1, path.name)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -72,7 +72,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def train_step(ctx: StepContext, micro_batches: list[dict], generator: torch.Generator) -> dict[str, float]:
     """One optimiser step over ``len(micro_batches)`` accumulated micro-batches. Returns the logged terms."""
     ctx.model.train()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     finite = True
     for i, batch in enumerate(micro_batches):
         batch = to_device(batch, ctx.device)
@@ -86,7 +86,7 @@ def train_step(ctx: StepContext, micro_batches: list[dict], generator: torch.Gen
             finite = False  # keep going so that every DDP rank runs the same collectives
         ctx.scaler.scale(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)).backward()
         for key, value in losses.items():
-            totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micro_batches)
+            totals[key] = totals.get(key, 0.0) + value.detach().float() / len(micro_batches)
     # A non-finite loss on any rank skips the step on every rank (same decision everywhere).
     finite = bool(dist.all_reduce_mean(torch.tensor(float(finite), device=ctx.device)).item() == 1.0)
     ctx.scaler.unscale_(ctx.optimizer)
@@ -94,16 +94,22 @@ def train_step(ctx: StepContext, micro_batches: list[dict], generator: torch.Gen
     grad_norm = torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), max_norm)
     if finite and torch.isfinite(grad_norm):
         ctx.scaler.step(ctx.optimizer)
+        core = getattr(ctx.model, "module", ctx.model)
+        if getattr(core, "logit_scale", None) is not None:
+            core.logit_scale.clamp_()  # keep 1/tau within [1, 100] as CLIP does
     else:
         ctx.skipped_steps += 1
         log.warning("non-finite loss or gradient: step skipped (%d skipped so far)", ctx.skipped_steps)
     ctx.scaler.update()
     ctx.optimizer.zero_grad(set_to_none=True)
     ctx.scheduler.step()
-    totals["grad_norm"] = float(grad_norm)
-    totals["lr"] = ctx.optimizer.param_groups[0]["lr"]
-    totals["skipped_steps"] = ctx.skipped_steps
-    return totals
+    # Each rank's contrastive terms cover its own rows of the global batch: log their mean over ranks (one reduce).
+    keys = list(totals)
+    logged = dict(zip(keys, dist.all_reduce_mean(torch.stack([totals[k] for k in keys])).tolist()))
+    logged["grad_norm"] = float(grad_norm)
+    logged["lr"] = ctx.optimizer.param_groups[0]["lr"]
+    logged["skipped_steps"] = ctx.skipped_steps
+    return logged
 
 
 def _autocast(ctx: StepContext):

@@ -51,14 +51,15 @@ def add_parser(subparsers) -> None:
 def _command(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     summary = run_pretrain(cfg, resume=args.resume)
-    if dist.is_main():
+    if summary["rank"] == 0:  # not dist.is_main(): the process group is gone by now, every rank would say rank 0
         terms = "  ".join(f"{k}={v:.4f}" for k, v in summary["final"].items() if k in summary["terms"])
         print(f"pretrain [{cfg.method}] {summary['steps']} steps -> {summary['run_dir']}\n  final losses: {terms}")
     return 0
 
 
 def run_pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
-    """Pre-train per ``cfg``; returns a summary (run folder, final terms). Resumes from ``latest`` if asked."""
+    """Pre-train per ``cfg``; returns a summary (run folder, final terms, this process's rank). Resumes from
+    ``latest`` if asked."""
     device = dist.init_distributed()
     try:
         return _run(cfg, resume, device)
@@ -114,7 +115,8 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
     run_log.close()
     if dist.is_main() and (run_dir / "log.jsonl").is_file():
         plot_loss_curves(run_dir / "log.jsonl", run_dir / "loss_curves.png", log_b=math.log(_global_batch(cfg)))
-    return {"run_dir": str(run_dir), "steps": cfg.train.steps, "final": final, "terms": objective.term_names()}
+    terms = objective.term_names()
+    return {"run_dir": str(run_dir), "steps": cfg.train.steps, "final": final, "terms": terms, "rank": dist.rank()}
 
 
 def _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra_state) -> dict:
@@ -123,7 +125,8 @@ def _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra
     epoch, batch_in_epoch = position
     step, final, window = start_step, {}, {}
     throughput = Throughput()
-    crops_per_batch = _crops_per_study(cfg, core.spec) * tc.batch_size * dist.world_size()
+    global_batch = _global_batch(cfg)  # studies per micro-batch over all ranks (the contrastive batch)
+    crops_per_batch = _crops_per_study(cfg, core.spec) * global_batch
     bar = tqdm(total=tc.steps, initial=step, desc=f"pretrain {cfg.method}", disable=not dist.is_main(), unit="step")
     while step < tc.steps:
         sampler.set_position(epoch, batch_in_epoch)
@@ -135,6 +138,8 @@ def _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra
             num_workers=cfg.data.workers,
             pin_memory=ctx.device.type == "cuda",
             drop_last=True,
+            # Workers' base seed from (seed, epoch, rank), not the global RNG: a resumed run draws the same seeds.
+            generator=torch.Generator().manual_seed((cfg.seed * 1_000_003 + epoch) * 1009 + dist.rank()),
         )
         pending = []
         for batch in loader:
@@ -153,7 +158,8 @@ def _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra
             bar.set_postfix(loss=f"{terms['loss']:.3f}")
             if step % tc.log_every == 0 or step == tc.steps:
                 final = {k: float(np.mean(v)) for k, v in window.items()}
-                row = {"step": step, **final, "crops_per_s": throughput.rate()}
+                final["skipped_steps"] = ctx.skipped_steps  # a running count: the latest, not a window mean
+                row = {"step": step, **final, "global_batch": global_batch, "crops_per_s": throughput.rate()}
                 row["peak_mem_mb"] = peak_memory_mb(ctx.device)
                 run_log.write(row)
                 bar.set_postfix(loss=f"{final['loss']:.3f}", crops_s=f"{row['crops_per_s']:.1f}")

@@ -40,6 +40,8 @@ class PretrainModel(nn.Module):
             if spec.restore
             else None
         )
+        if self.decoder is not None:
+            self.decoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
 
     def forward(self, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor], generator=None) -> dict:
         """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``.

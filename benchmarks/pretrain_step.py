@@ -1,0 +1,500 @@
+"""Cost of one pre-training step: ``t3d`` vs ``vssl`` vs ``clip`` side by side, MFU, and crops vs a whole volume.
+
+    python benchmarks/pretrain_step.py --json benchmarks/results/pretrain_step_cpu.json
+    python benchmarks/pretrain_step.py --device cuda --encoder swinvit --preset base --batch 8 --sites 2
+    python benchmarks/pretrain_step.py --device cuda --gpu-recipe --recipe-steps 20   # configs/gpu_ctrate.yaml
+
+Every step is the engine's own: ``PretrainModel`` + ``PretrainObjective`` + ``build_optimizer`` (AdamW) +
+``build_scheduler`` driven by ``t3d.pretrain.engine.train_step`` (forward, loss, backward, clip, step), with the
+engine's autocast rule (``train.precision: auto`` = bf16 on CUDA, fp32 on CPU). Inputs are synthetic and already
+in memory (data loading is ``benchmarks/crops.py``'s subject): random crops (B, K, 2, C, D, H, W) or, for
+``clip``, whole volumes (B, C, *clip.grid), and random unit-norm frozen report features (B, Et) standing in for
+the cached text features (training never runs the text encoder).
+
+(a) Throughput: one warm-up step per method, then ``--rounds`` rounds of t3d, vssl, clip, t3d, ... (so load from
+    other processes hits every method alike); medians of the rounds. ``clip`` reports volumes/s and
+    crops-equivalent/s = volumes/s x voxels(clip.grid) / voxels(crop).
+(b) MFU: FLOPs of forward + backward counted by ``torch.utils.flop_counter.FlopCounterMode`` (conv incl.
+    transposed, mm/addmm/bmm, attention; norms and elementwise ops are not counted, as usual for MFU) over one
+    step — the first warm-up step, so it costs nothing extra. With gradient checkpointing on, the count runs with
+    checkpointing off on one study and is scaled by B: *model* FLOPs, recomputation excluded (PaLM's MFU).
+    Peak: best of several large ``torch.mm`` in the same process (fp32; also bf16 where autocast uses it),
+    measured before and after the rounds. MFU = counted FLOPs / median step time / peak.
+(c) Memory: peak memory a step adds on top of what is live before it (weights, optimiser state, inputs).
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the kernel's RSS high-water
+    mark, reset before each step (``/proc/self/clear_refs`` = 5) after ``gc.collect()`` + ``malloc_trim(0)``,
+    minus RSS right before the step. Exact up to allocator slack (glibc mmaps every block above 32 MiB and
+    returns it to the kernel on free), so every method is measured in the timed steps themselves, for free.
+    The whole volume (``--volume``, sides padded up to multiples of 32 as the encoders need; 1 study, ``clip``
+    objective = encoder + pooled head + align) runs on CPU in a child process capped at ``--mem-limit-gb`` of
+    *additional* address space (RLIMIT_AS); if it does not fit, the result is "> limit" and the ratio a lower
+    bound. On CUDA it runs in-process; out of memory reports "> free device memory".
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from t3d.config import METHODS, PretrainConfig, load_config
+from t3d.losses import PretrainObjective, method_spec
+from t3d.pretrain.engine import StepContext, build_optimizer, build_scheduler, train_step
+from t3d.pretrain.main import _autocast_dtype
+from t3d.pretrain.model import PretrainModel
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_DEFAULTS = {"encoder": "resnet", "preset": "tiny", "crop": [96], "batch": 2, "sites": 1, "precision": "auto"}
+TAU_TEXT = 0.05  # any tau > 0: Y costs the same for every value (the engine calibrates it once at start-up)
+SENTENCES, TOKENS = 6, 64  # per report, for align=sentence / cross-attention methods
+CHILD_TAG = "T3D_CHILD_RESULT "
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--methods", nargs="+", default=["t3d", "vssl", "clip"], choices=METHODS)
+    p.add_argument("--encoder", choices=("resnet", "swinvit"), help="default resnet (recipe: its own)")
+    p.add_argument("--preset", help="encoder preset, default tiny (recipe: its own)")
+    p.add_argument("--crop", type=int, nargs="+", help="crop size: one side or three (default 96)")
+    p.add_argument("--batch", type=int, help="B studies per step (default 2)")
+    p.add_argument("--sites", type=int, help="K crop sites per study (default 1); each gives 2 views")
+    p.add_argument("--grid", type=int, nargs=3, help="clip's whole-volume grid (default clip.grid)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="default auto (as the engine)")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--text-dim", type=int, default=384, help="Et of the frozen report features (MiniLM: 384)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up steps per method (the first one counts FLOPs)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--steps", type=int, default=1, help="steps per method per round")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (cpu 2048, cuda 8192)")
+    p.add_argument("--volume", type=int, nargs=3, default=[480, 480, 240], help="whole volume (voxels) for (c)")
+    p.add_argument("--mem-limit-gb", type=float, default=16.0, help="cap of the CPU whole-volume child")
+    p.add_argument("--child-timeout", type=float, default=1800.0, help="seconds for the whole-volume child")
+    p.add_argument("--skip-volume", action="store_true", help="skip (c)'s whole-volume step")
+    p.add_argument("--gpu-recipe", action="store_true", help="time the recipe's method on the recipe config")
+    p.add_argument("--recipe", default=str(REPO / "configs" / "gpu_ctrate.yaml"))
+    p.add_argument("--recipe-steps", type=int, default=20, help="timed steps in --gpu-recipe mode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here as JSON")
+    p.add_argument("--child", choices=("volume",), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+
+def build_config(args: argparse.Namespace, method: str | None = None, **extra) -> PretrainConfig:
+    """CPU defaults (or the recipe file) <- explicit flags <- ``extra`` dotted overrides, via ``load_config``."""
+    chosen = {k: getattr(args, k) for k in CPU_DEFAULTS}
+    if not args.gpu_recipe:
+        chosen = {k: CPU_DEFAULTS[k] if v is None else v for k, v in chosen.items()}
+    crop = chosen["crop"]
+    values = {
+        "method": method,
+        "model.encoder": chosen["encoder"],
+        "model.preset": chosen["preset"],
+        "model.grad_checkpointing": args.grad_checkpointing,
+        "crops.size": None if crop is None else (crop * 3 if len(crop) == 1 else crop),
+        "crops.sites": chosen["sites"],
+        "train.batch_size": chosen["batch"],
+        "train.precision": chosen["precision"],
+        "clip.grid": args.grid,
+        **extra,
+    }
+    overrides = [f"--{key}={json.dumps(value)}" for key, value in values.items() if value is not None]
+    return load_config(PretrainConfig, args.recipe if args.gpu_recipe else None, overrides)
+
+
+@dataclass
+class Step:
+    """One method's training step on fixed synthetic inputs; ``run()`` is exactly one ``train_step``."""
+
+    name: str
+    ctx: StepContext
+    batch: dict
+    generator: torch.Generator
+    studies: int
+    crops: int
+    """Crops per step (0 for whole-volume methods)."""
+    voxels: int
+    """Input voxels per step (all crops, or all volumes)."""
+
+    def run(self, batch: dict | None = None) -> None:
+        train_step(self.ctx, [batch or self.batch], self.generator)
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+
+
+def synthetic_text(cfg: PretrainConfig, studies: int, text_dim: int, device: torch.device, seed: int):
+    """``text_for(batch)`` over random unit-norm features, shaped like ``TextLookup.for_batch``'s output."""
+    spec, g = method_spec(cfg.method), torch.Generator().manual_seed(seed)
+    feats = {"frozen": F.normalize(torch.randn(studies, text_dim, generator=g), dim=-1)}  # (B, Et)
+    if spec.restore and spec.conditioning_for(cfg.model.conditioning) == "cross_attention":
+        feats["tokens"] = torch.randn(studies, TOKENS, text_dim, generator=g)  # (B, L, Et)
+        feats["token_mask"] = torch.ones(studies, TOKENS, dtype=torch.bool)
+    if spec.align == "sentence":
+        feats["sent"] = F.normalize(torch.randn(studies, SENTENCES, text_dim, generator=g), dim=-1)  # (B, S, Et)
+    feats = {k: v.to(device) for k, v in feats.items()}
+
+    def text_for(batch: dict) -> dict[str, torch.Tensor]:
+        idx = batch["index"].to(device)
+        out = {k: v[idx] for k, v in feats.items() if k != "sent"}
+        if "sent" in feats:
+            out["sent"] = feats["sent"][idx].flatten(0, 1)  # (B*S, Et)
+            out["sent_owner"] = torch.arange(len(idx), device=device).repeat_interleave(SENTENCES)
+        return out
+
+    return text_for
+
+
+def build_step(cfg: PretrainConfig, device: torch.device, text_dim: int, seed: int) -> Step:
+    """Model, objective, AdamW, schedule and autocast exactly as ``t3d.pretrain.main`` wires them."""
+    spec, b = method_spec(cfg.method), cfg.train.batch_size
+    torch.manual_seed(seed)
+    model = PretrainModel(cfg, spec, text_dim=text_dim).to(device)
+    objective = PretrainObjective(cfg.loss, spec, tau_text=TAU_TEXT if spec.soft_targets else None).to(device)
+    optimizer = build_optimizer(model, cfg.train)
+    ctx = StepContext(
+        model=model,
+        objective=objective,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg.train),
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
+        text_for=synthetic_text(cfg, b, text_dim, device, seed),
+        device=device,
+        cfg=cfg.train,
+        autocast_dtype=_autocast_dtype(cfg.train.precision, device),
+    )
+    g = torch.Generator().manual_seed(seed)
+    c, index = cfg.crops.channels, torch.arange(b)
+    if spec.whole_volume:
+        shape, crops = (b, c, *cfg.clip.grid), 0  # (B, C, D, H, W)
+        batch = {"volume": torch.rand(shape, generator=g).to(device), "index": index}
+    else:
+        shape = (b, cfg.crops.sites, 2, c, *cfg.crops.size)  # (B, K, 2, C, D, H, W)
+        batch = {"views": torch.rand(shape, generator=g).to(device), "index": index}
+        crops = b * cfg.crops.sites * 2
+    return Step(cfg.method, ctx, batch, torch.Generator().manual_seed(seed), b, crops, math.prod(shape) // c)
+
+
+# ----------------------------------------------------------------------------------------------- measurements
+
+
+def count_flops(step: Step) -> float:
+    """Model FLOPs of one step (forward + backward), counted while running it (see the module docstring)."""
+    model = step.ctx.model
+    checkpointed = model.cfg.model.grad_checkpointing
+    studies = 1 if checkpointed else step.studies
+    batch = {k: v[:studies] for k, v in step.batch.items()}
+    for module in (model.encoder, model.decoder):
+        if module is not None:
+            module.set_grad_checkpointing(False)
+    with FlopCounterMode(display=False) as counter:
+        step.run(batch)
+    for module in (model.encoder, model.decoder):
+        if module is not None:
+            module.set_grad_checkpointing(checkpointed)
+    return counter.get_total_flops() * step.studies / studies
+
+
+class MemoryProbe:
+    """Peak bytes a step adds on top of what is live right before it (CUDA allocator, or CPU RSS high water)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.before = device, 0
+        self.libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM after clear_refs"
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return
+        if self.libc is not None:
+            self.libc.malloc_trim(0)  # hand cached free heap back: re-using it must show up as new RSS
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS (Linux >= 4.0)
+        except OSError:
+            self.method = "ru_maxrss (monotonic: only a new process high counts)"
+        self.before = _proc_status("VmRSS")
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) - self.before
+        peak = _proc_status("VmHWM") if self.method.startswith("VmHWM") else _maxrss()
+        return peak - self.before
+
+
+def _proc_status(field: str) -> int:
+    """A ``/proc/self/status`` memory line in bytes (ru_maxrss where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _maxrss()
+
+
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
+    """Best FLOP/s of an (n x n) @ (n x n) ``torch.mm`` in ``dtype``."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    out = torch.mm(a, b)  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def interleaved(steps: dict[str, Step], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Warm-up (FLOP count first), then rounds of every method in turn; times, CPU seconds and memory per step."""
+    stats = {name: {"flops": count_flops(step), "wall": [], "cpu": [], "mem": []} for name, step in steps.items()}
+    for step in steps.values():
+        for _ in range(args.warmup - 1):
+            step.run()
+    probe = MemoryProbe(device)
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            for _ in range(args.steps):
+                probe.start()
+                r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                step.run()
+                wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+                stats[name]["wall"].append(wall)
+                stats[name]["cpu"].append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+                stats[name]["mem"].append(probe.stop())
+    for s in stats.values():
+        s["memory_method"] = probe.method
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------- whole volume
+
+
+def volume_config(args: argparse.Namespace) -> tuple[PretrainConfig, list[int]]:
+    """The ``clip`` objective on one whole volume at crop spacing, sides padded up to multiples of 32 voxels."""
+    padded = [32 * math.ceil(s / 32) for s in args.volume]
+    return build_config(args, "clip", **{"clip.grid": padded, "train.batch_size": 1}), padded
+
+
+def run_volume_step(args: argparse.Namespace, device: torch.device, cap_bytes: int | None) -> dict:
+    """One whole-volume step; status ``ok`` with its memory, or ``limit`` when it could not allocate."""
+    cfg, padded = volume_config(args)
+    step = build_step(cfg, device, args.text_dim, args.seed)
+    torch.mm(torch.ones(64, 64), torch.ones(64, 64))  # start the thread pool before any address-space cap
+    probe = MemoryProbe(device)
+    probe.start()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if cap_bytes is not None:
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (_proc_status("VmSize") + cap_bytes, hard))
+    t0 = time.perf_counter()
+    try:
+        step.run()
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(err, MemoryError | torch.OutOfMemoryError) and "allocate" not in str(err).lower():
+            raise
+        bound = cap_bytes if cap_bytes is not None else free
+        return {"status": "limit", "padded": padded, "lower_bound_bytes": bound, "error": str(err)[:200]}
+    return {"status": "ok", "padded": padded, "bytes": probe.stop(), "seconds": time.perf_counter() - t0}
+
+
+def whole_volume(args: argparse.Namespace, argv: list[str], device: torch.device) -> dict:
+    """CUDA: in this process. CPU: in a child with an address-space cap (RSS high water is per process)."""
+    if device.type == "cuda":
+        result = run_volume_step(args, device, None)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {**result, "limit": "free device memory"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", "volume"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "limit": f"{args.child_timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_TAG)]
+    if proc.returncode == 0 and lines:
+        return {**json.loads(lines[-1][len(CHILD_TAG) :]), "limit": f"{args.mem_limit_gb:g} GiB"}
+    # Killed by a signal (e.g. the kernel's OOM killer before the cap was reached): no number can be claimed.
+    return {"status": "failed", "returncode": proc.returncode, "stderr": proc.stderr[-400:]}
+
+
+def child_main(args: argparse.Namespace) -> int:
+    result = run_volume_step(args, torch.device("cpu"), int(args.mem_limit_gb * 2**30))
+    print(CHILD_TAG + json.dumps(result), flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def summarise(stats: dict[str, dict], steps: dict[str, Step], peaks: dict[str, float]) -> dict[str, dict]:
+    out = {}
+    for name, s in stats.items():
+        step, wall = steps[name], statistics.median(s["wall"])
+        cfg = step.ctx.model.cfg
+        row = {
+            "step_s": wall,
+            "step_s_all": s["wall"],
+            "cores_used": statistics.median(c / w for c, w in zip(s["cpu"], s["wall"])),
+            "studies_per_step": step.studies,
+            "crops_per_step": step.crops,
+            "gflop_per_step": s["flops"] / 1e9,
+            "achieved_gflop_s": s["flops"] / wall / 1e9,
+            "peak_mem_mib": max(s["mem"]) / 2**20,
+            "memory_method": s["memory_method"],
+        }
+        row.update({f"mfu_{k}": s["flops"] / wall / v for k, v in peaks.items()})
+        if step.crops:
+            row["crops_per_s"] = step.crops / wall
+        else:
+            row["volumes_per_s"] = step.studies / wall
+            row["crops_equiv_per_s"] = step.voxels / math.prod(cfg.crops.size) / wall
+        out[name] = row
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def measure_peaks(device: torch.device, n: int, autocast: torch.dtype | None) -> dict[str, float]:
+    dtypes = {"fp32": torch.float32, **({"bf16": autocast} if autocast is torch.bfloat16 else {})}
+    dtypes.update({"fp16": autocast} if autocast is torch.float16 else {})
+    return {name: matmul_peak(device, dtype, n) for name, dtype in dtypes.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        sys.exit(child_main(args))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here; run on a GPU machine or use --device cpu")
+    methods = [build_config(args).method] if args.gpu_recipe else args.methods
+    steps = {m: build_step(build_config(args, m), device, args.text_dim, args.seed) for m in methods}
+    first = next(iter(steps.values())).ctx
+    n = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peaks = measure_peaks(device, n, first.autocast_dtype)
+    if args.gpu_recipe:
+        args.rounds, args.steps = 1, args.recipe_steps
+    stats = interleaved(steps, args, device)
+    peaks = {k: max(v, p) for (k, v), p in zip(peaks.items(), measure_peaks(device, n, first.autocast_dtype).values())}
+    cfg = first.model.cfg
+    results = {
+        "command": " ".join(["benchmarks/pretrain_step.py", *argv]),
+        "mode": f"gpu recipe {args.recipe}" if args.gpu_recipe else "side by side",
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "setup": {
+            "encoder": f"{cfg.model.encoder}/{cfg.model.preset}",
+            "crop": list(cfg.crops.size),
+            "batch": cfg.train.batch_size,
+            "sites": cfg.crops.sites,
+            "clip_grid": list(cfg.clip.grid),
+            "precision": cfg.train.precision,
+            "autocast": str(first.autocast_dtype),
+            "grad_checkpointing": cfg.model.grad_checkpointing,
+            "text_dim": args.text_dim,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+        },
+        "matmul_peak_gflop_s": {k: v / 1e9 for k, v in peaks.items()},
+        "matmul_peak_size": n,
+        "methods": summarise(stats, steps, peaks),
+    }
+    rows = results["methods"]
+    if "t3d" in rows and "vssl" in rows:
+        results["t3d_over_vssl_crops_per_s"] = rows["t3d"]["crops_per_s"] / rows["vssl"]["crops_per_s"]
+    del steps, first  # free the timed models before the whole-volume step
+    if "t3d" in rows and not args.gpu_recipe and not args.skip_volume:
+        results["memory"] = memory_comparison(args, argv, device, rows["t3d"], cfg.crops.size)
+    print_table(results)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def memory_comparison(args: argparse.Namespace, argv: list[str], device: torch.device, t3d: dict, crop) -> dict:
+    """(c): the t3d step's memory (from the timed steps) vs one whole-volume step; ratio or its lower bound."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    crop_bytes = t3d["peak_mem_mib"] * 2**20
+    vol = whole_volume(args, argv, device)
+    out = {"crop_step_mib": t3d["peak_mem_mib"], "crops": t3d["crops_per_step"], "volume": args.volume, **vol}
+    out["voxel_ratio"] = math.prod(args.volume) / (t3d["crops_per_step"] * math.prod(crop))
+    if vol["status"] == "ok":
+        out["volume_mib"], out["ratio"] = vol["bytes"] / 2**20, vol["bytes"] / crop_bytes
+    elif vol["status"] == "limit" and vol["lower_bound_bytes"]:
+        out["volume_mib_lower_bound"] = vol["lower_bound_bytes"] / 2**20
+        out["ratio_lower_bound"] = vol["lower_bound_bytes"] / crop_bytes
+    return out
+
+
+def print_table(r: dict) -> None:
+    s = r["setup"]
+    print(
+        f"\n{r['device']}, {s['encoder']}, crop {'x'.join(map(str, s['crop']))}, B={s['batch']} x K={s['sites']} x 2 "
+        f"views, clip grid {'x'.join(map(str, s['clip_grid']))}, autocast {s['autocast']}, {r['mode']}"
+    )
+    peak_names = list(r["matmul_peak_gflop_s"])
+    head = f"{'method':<22}{'step s':>9}{'crops/s':>10}{'vol/s':>8}{'crops-eq/s':>12}{'GFLOP':>9}"
+    print(head + "".join(f"{'MFU ' + k:>10}" for k in peak_names) + f"{'mem MiB':>10}{'cores':>7}")
+    for name, m in r["methods"].items():
+        crops = f"{m['crops_per_s']:>10.2f}{'-':>8}{'-':>12}" if "crops_per_s" in m else None
+        crops = crops or f"{'-':>10}{m['volumes_per_s']:>8.2f}{m['crops_equiv_per_s']:>12.2f}"
+        mfu = "".join(f"{100 * m['mfu_' + k]:>9.1f}%" for k in peak_names)
+        print(f"{name:<22}{m['step_s']:>9.2f}{crops}{m['gflop_per_step']:>9.1f}{mfu}{m['peak_mem_mib']:>10.0f}", end="")
+        print(f"{m['cores_used']:>7.2f}")
+    peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in r["matmul_peak_gflop_s"].items())
+    print(f"matmul peak ({r['matmul_peak_size']}^2, best of 5, before/after): {peaks}")
+    if "t3d_over_vssl_crops_per_s" in r:
+        print(f"t3d / vssl crops/s = {r['t3d_over_vssl_crops_per_s']:.3f}  (target >= 0.9)")
+    mem = r.get("memory")
+    if mem:
+        shape = "x".join(map(str, mem.get("padded", mem["volume"])))
+        head = f"memory: t3d step on {mem['crops']} crops {mem['crop_step_mib']:.0f} MiB; whole volume {shape}"
+        if mem["status"] == "ok":
+            print(f"{head} {mem['volume_mib']:.0f} MiB -> ratio {mem['ratio']:.2f} (target >= 10)", end="")
+        elif "ratio_lower_bound" in mem:
+            print(
+                f"{head} > {mem['volume_mib_lower_bound']:.0f} MiB -> ratio >= {mem['ratio_lower_bound']:.1f}", end=""
+            )
+        else:
+            print(f"{head}: {mem['status']} (no number claimed)", end="")
+        print(f"; voxels ratio {mem['voxel_ratio']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

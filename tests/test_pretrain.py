@@ -1,0 +1,264 @@
+"""``t3d pretrain`` end to end on the session's tiny synthetic cache (``tests/conftest.py``).
+
+Every method of METHOD §5 runs through the real CLI for two steps; a run killed with SIGKILL resumes to the same
+losses as an uninterrupted one; contrastive terms fall below chance (log B); a non-finite step is skipped.
+Everything runs on CPU with one intra-op thread: the tests are deterministic and leave the shared cores alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain_helpers import expected_terms, pretrain_args, read_log, subprocess_env, toy_batch, toy_step
+from t3d.checkpoint import latest_checkpoint, load_checkpoint
+from t3d.cli import main as cli_main
+from t3d.config import METHODS, PretrainConfig, load_config
+from t3d.losses import PretrainObjective, method_spec
+from t3d.pretrain.model import PretrainModel
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "rng", "config", "text_mean", "step"}
+BOOKKEEPING = {"step", "grad_norm", "lr", "skipped_steps", "crops_per_s", "peak_mem_mb", "global_batch"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocess runs get through OMP_NUM_THREADS=1 (same numerics, no contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------------------------- every method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_writes_a_complete_run_folder(tiny_cache, tmp_path, method):
+    run = tmp_path / "run"
+    assert cli_main(pretrain_args(tiny_cache.cache, run, method, **{"train.batch_size": 2})) == 0
+
+    cfg = load_config(PretrainConfig, run / "config.yaml")
+    assert cfg.method == method and cfg.train.steps == 2 and tuple(cfg.crops.size) == (32, 32, 32)
+
+    rows = read_log(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    terms = expected_terms(method)
+    assert terms == set(PretrainObjective(cfg.loss, method_spec(method), tau_text=1.0).term_names())
+    for row in rows:
+        # view / align / restore are logged exactly when the method uses them: no misleading zeros.
+        assert set(row) == terms | BOOKKEEPING, sorted(row)
+        assert all(math.isfinite(row[k]) for k in terms), row
+        assert row["skipped_steps"] == 0 and row["global_batch"] == 2
+
+    path = latest_checkpoint(run)
+    assert path == run / "checkpoints" / "final.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert CHECKPOINT_KEYS <= set(state), sorted(state)
+    assert state["step"] == 2 and state["config"]["method"] == method
+    assert state["text_mean"].shape == (384,)
+    model = PretrainModel(cfg, method_spec(method), text_dim=384)
+    model.load_state_dict(state["model"])  # strict: the checkpoint holds exactly this method's weights
+    assert (model.decoder is not None) == method_spec(method).restore
+
+    events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    png = run / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_holds_every_logged_term(tiny_cache, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert cli_main(pretrain_args(tiny_cache.cache, run, "vssl-contrastive", steps=3)) == 0
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    rows = read_log(run)
+    for key in ("loss", "view", "lr", "grad_norm"):
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [1, 2, 3]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in rows], rel=1e-6)
+
+
+def test_existing_run_without_resume_is_a_clear_error(tiny_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(pretrain_args(tiny_cache.cache, run, "vssl-contrastive", steps=1)) == 0
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli_main(pretrain_args(tiny_cache.cache, run, "vssl-contrastive", steps=1)) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and str(run) in err
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # nothing touched
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run: Path, min_step: int, timeout: float = 300.0) -> int:
+    """Poll ``run/latest`` until it names ``step_*`` >= ``min_step``; return that step (0 if the run ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pointer = run / "latest"
+        if pointer.is_file():
+            name = Path(pointer.read_text().strip()).stem
+            if name.startswith("step_") and int(name[5:]) >= min_step:
+                return int(name[5:])
+        if proc.poll() is not None:
+            return 0
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no checkpoint for step >= {min_step} in {run} after {timeout} s")
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
+    steps = 8
+    # 12 studies, batch 2: 6 batches per epoch, so the kill falls mid-epoch and the resumed run crosses epochs.
+    extra = {"train.batch_size": 2, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "train.warmup_steps": 3}
+    reference = tmp_path / "reference"
+    assert cli_main(pretrain_args(tiny_cache.cache, reference, "t3d", steps=steps, **extra)) == 0
+
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "t3d", *pretrain_args(tiny_cache.cache, run, "t3d", steps=steps, **extra)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        killed_at = wait_for_checkpoint(proc, run, min_step=4)
+        assert killed_at, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert latest_checkpoint(run) is not None and not (run / "checkpoints" / "final.pt").exists()
+    # Whatever the kill interrupted, every file that looks like a checkpoint is a complete one.
+    for path in (run / "checkpoints").glob("*.pt"):
+        assert load_checkpoint(path)["step"] >= 2
+
+    resumed = subprocess.run([*cmd, "--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = read_log(reference), read_log(run)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))  # one row per step: the killed run's tail is cut
+    terms = expected_terms("t3d") | {"grad_norm", "lr"}
+    for a, b in zip(want, got, strict=True):
+        for key in sorted(terms):
+            assert torch.allclose(torch.tensor(b[key]), torch.tensor(a[key]), rtol=1e-5, atol=1e-7), (a["step"], key)
+    final_ref, final_run = load_checkpoint(reference), load_checkpoint(run)
+    assert final_run["step"] == steps
+    for key, value in final_ref["model"].items():
+        assert torch.allclose(final_run["model"][key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+    assert not list(run.glob(".*.tmp"))
+    # TensorBoard: the killed run's events beyond the checkpoint are purged, so every step appears once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == list(range(1, steps + 1))
+
+
+# ----------------------------------------------------------------------------------------------- learning
+
+
+def tail_mean(rows: list[dict], key: str, n: int = 5) -> float:
+    return sum(r[key] for r in rows[-n:]) / n
+
+
+EASY_VIEWS = {"crops.augment": "false", "train.lr": 1e-3, "train.warmup_steps": 3}
+
+
+@pytest.mark.parametrize(
+    "method, steps, extra",
+    [
+        # Four sites per study average four B-way problems per step: a smooth curve in 40 cheap steps.
+        ("vssl-contrastive", 40, {"crops.sites": 4, "crops.max_shift": 0.125}),
+        ("clip", 30, {}),
+        pytest.param("t3d-hard", 60, {"crops.sites": 2, "crops.max_shift": 0.125}, marks=pytest.mark.slow),
+    ],
+)
+def test_contrastive_terms_fall_below_chance(tiny_cache, tmp_path, method, steps, extra):
+    """The instance-norm pitfall: if pooling erased what differs between samples, the loss would sit at log B.
+
+    Hard targets (Y = I), so the minimum of every contrastive term is 0 and chance is log B; clean, barely shifted
+    views make the task easy enough to show in a few dozen steps.
+    """
+    run = tmp_path / "run"
+    assert cli_main(pretrain_args(tiny_cache.cache, run, method, steps=steps, **(EASY_VIEWS | extra))) == 0
+    rows = read_log(run)
+    log_b = math.log(rows[0]["global_batch"])
+    spec = method_spec(method)
+    terms = [t for t, used in (("view", spec.view), ("align", spec.align != "none")) if used]
+    for term in terms:
+        curve = [round(r[term], 2) for r in rows]
+        assert tail_mean(rows, term) < 0.7 * log_b, f"{term} stays near log B = {log_b:.2f}: {curve}"
+        assert tail_mean(rows, term) < 0.7 * tail_mean(rows[:5], term), f"{term} does not fall: {curve}"
+
+
+# ----------------------------------------------------------------------------------------------- non-finite guard
+
+
+def test_non_finite_step_is_skipped_reported_and_training_continues(tiny_cache, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = PretrainObjective.forward
+
+    def nan_on_second_call(self, out):
+        terms = forward(self, out)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(PretrainObjective, "forward", nan_on_second_call)
+    run = tmp_path / "run"
+    extra = {"train.checkpoint_every": 1, "train.keep_checkpoints": 5}
+    assert cli_main(pretrain_args(tiny_cache.cache, run, "vssl-contrastive", steps=3, **extra)) == 0
+    rows = read_log(run)
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
+    assert not math.isfinite(rows[1]["loss"]) and math.isfinite(rows[2]["loss"])
+    ckpt = {s: load_checkpoint(run / "checkpoints" / f"step_{s:07d}.pt") for s in (1, 2)}
+    ckpt[3] = load_checkpoint(run / "checkpoints" / "final.pt")
+    assert ckpt[3]["skipped_steps"] == 1
+
+    def params(state):
+        model = PretrainModel(load_config(PretrainConfig, run / "config.yaml"), method_spec("vssl-contrastive"), 384)
+        model.load_state_dict(state["model"])
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    p1, p2, p3 = (params(ckpt[s]) for s in (1, 2, 3))
+    assert all(torch.equal(p1[n], p2[n]) for n in p1), "the skipped step changed parameters"
+    assert any(not torch.equal(p2[n], p3[n]) for n in p2), "training did not continue after the skipped step"
+    assert all(torch.isfinite(p).all() for p in p3.values())
+
+
+# ----------------------------------------------------------------------------------------------- accumulation
+
+
+def test_gradient_accumulation_makes_the_full_batch_update():
+    """Two micro-batches of 4 = one batch of 8 for a per-sample loss (the contrastive terms are not per-sample:
+    accumulating them changes the negatives, and BatchNorm changes the statistics, so no such identity holds)."""
+    batch = toy_batch(8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    full_terms, full_state = toy_step([batch])
+    acc_terms, acc_state = toy_step(halves)
+    assert acc_terms["loss"] == pytest.approx(full_terms["loss"], rel=1e-6)
+    assert acc_terms["grad_norm"] == pytest.approx(full_terms["grad_norm"], rel=1e-5)
+    for key, value in full_state.items():
+        torch.testing.assert_close(acc_state[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_accumulation_consumes_micro_batches_and_checkpoints_the_data_position(tiny_cache, tmp_path):
+    run = tmp_path / "run"
+    # 12 studies, batch 2: 6 micro-batches per epoch, 2 per step -> 3 steps per epoch; step 4 = epoch 1, batch 2.
+    args = pretrain_args(tiny_cache.cache, run, "vssl-contrastive", steps=4, **{"train.batch_size": 2})
+    assert cli_main([*args, "--train.accumulate", "2", "--train.checkpoint_every", "2"]) == 0
+    final = load_checkpoint(run / "checkpoints" / "final.pt")
+    assert (final["step"], final["epoch"], final["batch_in_epoch"]) == (4, 1, 2)
+    step2 = load_checkpoint(run / "checkpoints" / "step_0000002.pt")
+    assert (step2["step"], step2["epoch"], step2["batch_in_epoch"]) == (2, 0, 4)
+    # global_batch is the contrastive batch (studies per micro-batch over all ranks), the B of log B.
+    assert [r["global_batch"] for r in read_log(run)] == [2, 2, 2, 2]
