@@ -331,7 +331,7 @@ def test_decoder_grad_checkpointing_changes_nothing():
     feats = [f.requires_grad_() for f in fake_features()]
     cond = torch.randn(2, ET)
     calls = []
-    first_conv = next(m for m in dec.skips[0].modules() if isinstance(m, torch.nn.Conv3d))
+    first_conv = next(m for m in dec.ups[0].modules() if isinstance(m, torch.nn.Conv3d))
     first_conv.register_forward_hook(lambda *_: calls.append(1))
     results = []
     for enable in (False, True):

@@ -4,10 +4,10 @@
     restored = decoder(encoder.forward_features(corrupted), cond=report_emb)   # (N, C, D, H, W)
 
 A UNet decoder in the SwinUNETR pattern (Hatamizadeh et al. 2022) over the encoder's multi-scale maps: every map
-goes through a residual block (``UnetrBasicBlock``: 3^3 for ``feats[0]``, the corrupted input itself, as
-SwinUNETR's ``encoder1``; 1x1 for the encoder's maps), then from the coarsest map up each ``UnetrUpBlock``
-(transposed conv + residual 3^3 block) doubles the resolution and fuses the next skip, and a 1x1 conv maps back
-to the image channels at input resolution.
+goes through a residual 1x1 block (``UnetrBasicBlock``), then from the coarsest map up each ``UnetrUpBlock``
+(transposed conv + residual 3^3 block) doubles the resolution and fuses the next skip; the last level is a light
+``FullResHead`` that fuses ``feats[0]`` (the corrupted input itself, as SwinUNETR's ``encoder1``) with one narrow
+residual block, and a 1x1 conv maps back to the image channels at input resolution.
 
 The report tells the decoder what should be under the mask:
 - ``film``: per-channel scale and shift from the report embedding after the bottleneck and after every up block
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetResBlock, UnetrUpBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -78,7 +78,26 @@ class TextCrossAttention(nn.Module):
         return h + out.transpose(1, 2).reshape(n, c, d, hh, w)
 
 
-def default_decoder_channels(feature_channels: Sequence[int], max_channels: int = 256, full_res: int = 16) -> list[int]:
+class FullResHead(nn.Module):
+    """The decoder's last level: transposed conv to input resolution, concat the (corrupted) input, one 3^3 conv.
+
+    One narrow conv instead of SwinUNETR's two residual blocks at full resolution: this level runs on D*H*W voxels
+    per crop, and the decoder is discarded after pre-training, so it only has to be good enough to restore.
+
+    Args:
+        in_channels: width of the stride-2 decoder map; image_channels: C of the input skip; out_channels: width.
+    """
+
+    def __init__(self, in_channels: int, image_channels: int, out_channels: int, norm_name) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = UnetResBlock(3, out_channels + image_channels, out_channels, 3, 1, norm_name=norm_name)
+
+    def forward(self, h: Tensor, image: Tensor) -> Tensor:
+        return self.conv(torch.cat([self.up(h), image], dim=1))  # (N, d1, s/2) + (N, C, s) -> (N, d0, s)
+
+
+def default_decoder_channels(feature_channels: Sequence[int], max_channels: int = 256, full_res: int = 8) -> list[int]:
     """Decoder width per level: each deeper level as wide as its feature map (SwinUNETR), capped at ``max_channels``;
     the full-resolution level ``min(feature_channels[1], full_res)`` wide.
 
@@ -145,12 +164,17 @@ class RestorationDecoder(nn.Module):
                 3, cin, cout, kernel_size=3, upsample_kernel_size=2, norm_name=norm_name, res_block=True
             )
 
-        # 3^3 block on the input (SwinUNETR's encoder1); 1x1 blocks on the encoder's maps, which are already
-        # spatially mixed: a 3^3 block on ResNet-50's 2048-channel map alone would cost 14 M parameters.
+        # 1x1 blocks on the encoder's maps, which are already spatially mixed: a 3^3 block on ResNet-50's
+        # 2048-channel map alone would cost 14 M parameters. The full-resolution level is a light head (see
+        # FullResHead): residual blocks there cost more than the whole encoder (measured: 97 % of a step's FLOPs
+        # and 95 % of its memory with resnet/tiny on 96^3 crops, benchmarks/pretrain_step.py).
         self.skips = nn.ModuleList(
-            conv_block(c, d, 1 if i else 3) for i, (c, d) in enumerate(zip(feature_channels, dec))
+            nn.Identity() if i == 0 else conv_block(c, d, 1) for i, (c, d) in enumerate(zip(feature_channels, dec))
         )
-        self.ups = nn.ModuleList(up_block(dec[i + 1], dec[i]) for i in range(levels - 1))
+        self.ups = nn.ModuleList(
+            FullResHead(dec[1], feature_channels[0], dec[0], norm_name) if i == 0 else up_block(dec[i + 1], dec[i])
+            for i in range(levels - 1)
+        )
         self.out = UnetOutBlock(3, dec[0], out_channels)
 
         self.cond_net: nn.Module | None = None
