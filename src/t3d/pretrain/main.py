@@ -123,7 +123,8 @@ def _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra
     """Epochs of the resumable sampler, ``accumulate`` micro-batches per optimiser step."""
     tc = cfg.train
     epoch, batch_in_epoch = position
-    step, final, window = start_step, {}, {}
+    # The unlogged steps of the current window travel in checkpoints: a resumed run logs the same averages.
+    step, final, window = start_step, {}, ctx.extra.pop("log_window", {})
     throughput = Throughput()
     global_batch = _global_batch(cfg)  # studies per micro-batch over all ranks (the contrastive batch)
     crops_per_batch = _crops_per_study(cfg, core.spec) * global_batch
@@ -166,7 +167,7 @@ def _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra
                 window = {}
             if step % tc.checkpoint_every == 0 or step == tc.steps:
                 position = (epoch, batch_in_epoch) if batch_in_epoch < sampler.batches_per_epoch else (epoch + 1, 0)
-                _save(cfg, ctx, core, step, position, extra_state, final=step == tc.steps)
+                _save(cfg, ctx, core, step, position, {**extra_state, "log_window": window}, final=step == tc.steps)
             if step >= tc.steps:
                 break
         else:
@@ -202,6 +203,7 @@ def _restore(path: Path, core, ctx: StepContext) -> tuple[int, tuple[int, int]]:
     ctx.scheduler.load_state_dict(state["scheduler"])
     ctx.scaler.load_state_dict(state["scaler"])
     ctx.skipped_steps = state["skipped_steps"]
+    ctx.extra["log_window"] = state.get("log_window", {})
     set_rng_state(state["rng"])
     return state["step"], (state["epoch"], state["batch_in_epoch"])
 
