@@ -101,6 +101,15 @@ def test_existing_run_without_resume_is_a_clear_error(tiny_cache, tmp_path, caps
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before  # nothing touched
 
 
+def test_resume_with_another_method_is_a_clear_error(tiny_cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(pretrain_args(tiny_cache.cache, run, "vssl-contrastive", steps=1)) == 0
+    capsys.readouterr()
+    assert cli_main([*pretrain_args(tiny_cache.cache, run, "t3d-hard", steps=2), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "vssl-contrastive" in err and "t3d-hard" in err and "config.yaml" in err
+
+
 # ----------------------------------------------------------------------------------------------- resume
 
 

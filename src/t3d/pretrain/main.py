@@ -7,6 +7,7 @@ The same command runs in one process and under ``torchrun --nproc_per_node N -m 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
@@ -112,6 +113,10 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
     if text.sent_mean is not None:
         extra_state["sent_mean"] = text.sent_mean.cpu()
     final = _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra_state)
+    if not final and (run_dir / "log.jsonl").is_file():
+        # Resumed a finished run: nothing was trained, report the last logged terms.
+        rows = (run_dir / "log.jsonl").read_text().splitlines()
+        final = {k: v for k, v in json.loads(rows[-1]).items() if k != "step"} if rows else {}
     run_log.close()
     if dist.is_main() and (run_dir / "log.jsonl").is_file():
         plot_loss_curves(run_dir / "log.jsonl", run_dir / "loss_curves.png", log_b=math.log(_global_batch(cfg)))
@@ -198,6 +203,14 @@ def _save(cfg, ctx, core, step, position, extra_state, final: bool) -> None:
 
 def _restore(path: Path, core, ctx: StepContext) -> tuple[int, tuple[int, int]]:
     state = load_checkpoint(path, map_location=ctx.device)
+    if state.get("method") != core.spec.name:
+        raise ValueError(
+            f"{path} was written by method '{state.get('method')}', this config says '{core.spec.name}'; "
+            "resume with the run's own config (its config.yaml) or choose another --train.out"
+        )
+    changed = _changed_keys(state.get("config", {}), to_dict(core.cfg))
+    if changed:
+        log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
     core.load_state_dict(state["model"])
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.scheduler.load_state_dict(state["scheduler"])
@@ -206,6 +219,17 @@ def _restore(path: Path, core, ctx: StepContext) -> tuple[int, tuple[int, int]]:
     ctx.extra["log_window"] = state.get("log_window", {})
     set_rng_state(state["rng"])
     return state["step"], (state["epoch"], state["batch_in_epoch"])
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(prefix + key)
+    return keys
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
