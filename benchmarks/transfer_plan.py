@@ -1,0 +1,301 @@
+"""The stages of one transfer-benchmark configuration, and its report.
+
+    plan = Plan(cfg, work=Path("benchmarks/work/transfer_cpu"), command="...", revision="abc123")
+    stages = plan.stages()        # data, prepare, then per seed round: per method pretrain -> seg -> probe -> ...
+    plan.report()                 # <output>.md / .json / .png / _align.png from the finished stages
+
+Folder layout under ``work``: ``data/`` (synthetic dataset), ``prep/`` (derived files), ``caches/{pretrain,seg,cls,
+heldout}`` (preprocessed studies, shared by every method: all use the same preprocessing), and
+``<method>/seed<k>/{pretrain, seg_f<fraction>, probe_f<fraction>, finetune_f<fraction>, zeroshot, retrieval,
+textdiag}``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+import transfer_figures as tf
+import transfer_report as tr
+import transfer_stages as st
+from t3d.config import PretrainConfig, load_config, to_dict
+from t3d.data.cache import write_json_atomic
+from transfer import RESULT, Stage, TransferConfig, flatten, has_joint_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve(path: str | Path) -> Path:
+    """Repository-relative unless absolute."""
+    path = Path(path)
+    return path if path.is_absolute() else ROOT / path
+
+
+class Plan:
+    """Stages and paths of one configuration (``work``: its work folder)."""
+
+    def __init__(self, cfg: TransferConfig, work: Path, command: str = "", revision: str = ""):
+        self.cfg, self.work, self.command, self.revision = cfg, Path(work), command, revision
+        self.started = time.perf_counter()
+        self.output = resolve(cfg.output)
+        d, syn = cfg.data, cfg.data.synthetic
+        self.data = self.work / "data" if syn is not None else None
+
+        def pick(value: str, synthetic_name: str) -> str:
+            if value:
+                return str(resolve(value))
+            if self.data is None:
+                return ""
+            return str(self.data / synthetic_name) if synthetic_name else ""
+
+        self.pretrain_manifest = pick(d.pretrain_manifest, "pretrain.jsonl")
+        self.splits = pick(d.splits, "splits.json")
+        self.seg_source = pick(d.seg_dataset, "dataset.json")
+        self.seg_dataset = str(self.work / "prep" / "seg_dataset.json") if d.seg_max_test else self.seg_source
+        self.cls_labels = pick(d.cls_labels, "findings.csv")
+        self.heldout_manifest = pick(d.heldout_manifest, "reports.jsonl")
+        self.pretrain_root = str(resolve(d.pretrain_root)) if d.pretrain_root else None
+        self.heldout_root = str(resolve(d.heldout_root)) if d.heldout_root else None
+        self.cls_images = str(resolve(d.cls_images)) if d.cls_images else ""
+        self.caches = {k: self.work / "caches" / k for k in ("pretrain", "seg", "cls", "heldout")}
+        if not all((self.pretrain_manifest, self.seg_source, self.cls_labels, self.heldout_manifest)):
+            raise ValueError(
+                "data.synthetic is null, so data.pretrain_manifest, data.seg_dataset, data.cls_labels and "
+                "data.heldout_manifest must all be set (see benchmarks/transfer_gpu.yaml)"
+            )
+
+    # ------------------------------------------------------------------------------------------- configs
+
+    def pretrain_config(self, method: str, seed: int) -> PretrainConfig:
+        fixed = {
+            "method": method,
+            "seed": seed,
+            "data": {"manifest": self.pretrain_manifest, "cache": str(self.caches["pretrain"])},
+            "train": {"out": str(self.run_dir(method, seed) / "pretrain")},
+        }
+        if self.pretrain_root:
+            fixed["data"]["root"] = self.pretrain_root
+        if self.splits and self.cfg.data.pretrain_split:
+            fixed["data"].update(split_file=self.splits, split=self.cfg.data.pretrain_split)
+        overrides = flatten(self.cfg.pretrain) + flatten(fixed)
+        return load_config(PretrainConfig, resolve(self.cfg.pretrain_config), overrides)
+
+    def downstream_config(self, cls, fields: dict, method: str, seed: int, **run):
+        """SegConfig / ClsConfig: ``fields`` of the benchmark config, the run's paths, and for ``random`` the
+        architecture, preprocessing, windows and crop size of the pre-training config (no weights)."""
+        cfg = replace(load_config(cls, None, flatten(fields)), seed=seed, **run)
+        if method != "random":
+            return replace(cfg, init=str(self.run_dir(method, seed) / "pretrain"))
+        base = self.pretrain_config("t3d", seed)
+        arch = {"model": base.model, "preprocess": base.preprocess, "windows": base.crops.windows}
+        return replace(cfg, init="random", crop_size=cfg.crop_size or base.crops.size, **arch)
+
+    def run_dir(self, method: str, seed: int) -> Path:
+        return self.work / method / f"seed{seed}"
+
+    # ------------------------------------------------------------------------------------------- stages
+
+    def stages(self) -> list[Stage]:
+        cfg = self.cfg
+        out: list[Stage] = []
+        if self.data is not None:
+            out.append(Stage("data", self.data, self._make_data, {"kind": "data"}))
+        out.append(Stage("prepare", self.work / "prep", self._prepare, {"kind": "prepare"}, ("data",)))
+        for seed in sorted(set(cfg.seeds) | set(cfg.ablation_seeds)):
+            methods = [m for m in cfg.main_methods if seed in cfg.seeds]
+            methods += [m for m in cfg.ablations if seed in cfg.ablation_seeds]
+            for method in methods:
+                out += self.method_stages(method, seed)
+            out.append(Stage(f"seed{seed}/report", self.work, self.report, cached=False))
+        return out
+
+    def method_stages(self, method: str, seed: int) -> list[Stage]:
+        cfg, run = self.cfg, self.run_dir(method, seed)
+        base = {"method": method, "seed": seed}
+        pre = f"seed{seed}/{method}/pretrain"
+        needs = ("prepare",) if method == "random" else ("prepare", pre)
+        out = []
+        if method != "random":
+            pcfg = self.pretrain_config(method, seed)
+            out.append(Stage(pre, run / "pretrain", lambda: st.run_pretrain_stage(pcfg), {"kind": "pretrain", **base}))
+        for f in cfg.fractions:
+            meta = {**base, "fraction": f}
+            out.append(self._seg_stage(method, seed, f, meta, needs))
+            out.append(self._cls_stage(method, seed, f, "probe", {**cfg.cls, "freeze_encoder": True}, meta, needs))
+            if cfg.cls_finetune is not None:
+                fields = {**cfg.cls_finetune, "freeze_encoder": False}
+                out.append(self._cls_stage(method, seed, f, "finetune", fields, meta, needs))
+        if has_joint_space(method):
+            out += self._joint_stages(method, seed, base, needs)
+        if method in cfg.diagnostic_methods and method != "random":
+            out.append(
+                Stage(f"seed{seed}/{method}/textdiag", run / "textdiag", lambda: self._textdiag(method, seed),
+                      {"kind": "textdiag", **base}, needs)
+            )  # fmt: skip
+        return out
+
+    def _seg_stage(self, method, seed, f, meta, needs) -> Stage:
+        from t3d.finetune.config import SegConfig
+
+        out = self.run_dir(method, seed) / f"seg_f{f:g}"
+        paths = {"data": self.seg_dataset, "out": str(out), "cache": str(self.caches["seg"]), "fraction": f}
+        scfg = self.downstream_config(SegConfig, self.cfg.seg, method, seed, **paths)
+        name = f"seed{seed}/{method}/seg f={f:g}"
+        return Stage(name, out, lambda: st.run_seg_stage(scfg), {"kind": "seg", **meta}, needs)
+
+    def _cls_stage(self, method, seed, f, kind, fields, meta, needs) -> Stage:
+        from t3d.finetune.config import ClsConfig
+
+        out = self.run_dir(method, seed) / f"{kind}_f{f:g}"
+        paths = {"data": self.cls_labels, "images": self.cls_images, "out": str(out), "fraction": f}
+        paths.update(cache=str(self.caches["cls"]), splits=self.splits, test_split=self.cfg.data.test_split)
+        ccfg = self.downstream_config(ClsConfig, fields, method, seed, **paths)
+        name = f"seed{seed}/{method}/{kind} f={f:g}"
+        return Stage(name, out, lambda: st.run_cls_stage(ccfg), {"kind": kind, **meta}, needs)
+
+    def _eval_kwargs(self, seed: int) -> dict:
+        e = self.cfg.evaluate
+        return {"n_boot": e.n_boot, "seed": seed, "overlap": e.overlap, "max_crops": e.max_crops,
+                "crop_batch": e.crop_batch, "workers": e.workers}  # fmt: skip
+
+    def _joint_stages(self, method, seed, base, needs) -> list[Stage]:
+        run, ckpt = self.run_dir(method, seed), self.run_dir(method, seed) / "pretrain"
+        split = {"splits": self.splits or None, "split": self.cfg.data.test_split}
+        zs = {"images": self.cls_images or None, "cache": self.caches["cls"], **split, **self._eval_kwargs(seed)}
+        ret = {"root": self.heldout_root, "cache": self.caches["heldout"], **split, **self._eval_kwargs(seed)}
+        return [
+            Stage(f"seed{seed}/{method}/zeroshot", run / "zeroshot",
+                  lambda: st.run_zeroshot_stage(ckpt, self.cls_labels, run / "zeroshot", **zs),
+                  {"kind": "zeroshot", **base}, needs),
+            Stage(f"seed{seed}/{method}/retrieval", run / "retrieval",
+                  lambda: st.run_retrieval_stage(ckpt, self.heldout_manifest, run / "retrieval", **ret),
+                  {"kind": "retrieval", **base}, needs),
+        ]  # fmt: skip
+
+    def _make_data(self) -> dict:
+        from t3d.data.synthetic import generate_dataset
+
+        s = self.cfg.data.synthetic
+        summary = generate_dataset(self.data, s.num_studies, s.seed, preset=s.preset, workers=s.workers)
+        return {k: v for k, v in summary.items() if k != "out_dir"}
+
+    def _prepare(self) -> dict:
+        """The pre-training cache (every method reads it) and the segmentation test subset file."""
+        from t3d.data.preprocess import preprocess_manifest
+
+        pcfg = self.pretrain_config("t3d", 0)
+        summary = preprocess_manifest(
+            self.pretrain_manifest,
+            self.caches["pretrain"],
+            pcfg.preprocess,
+            root=self.pretrain_root,
+            workers=self.cfg.preprocess_workers,
+        )
+        result = {"pretrain_cache": {k: v for k, v in summary.items() if isinstance(v, int | float | str)}}
+        if self.cfg.data.seg_max_test:
+            result["seg_test"] = write_seg_subset(self.seg_source, self.seg_dataset, self.cfg.data.seg_max_test)
+        return result
+
+    def _textdiag(self, method: str, seed: int) -> dict:
+        from t3d.evaluate.studies import prepare_cache, read_split
+
+        pcfg = self.pretrain_config(method, seed)
+        cache = self.caches["heldout"]
+        workers = self.cfg.preprocess_workers
+        prepare_cache(self.heldout_manifest, cache, pcfg.preprocess, root=self.heldout_root, workers=workers)
+        ids = read_split(self.splits, self.cfg.data.test_split) if self.splits else None
+        run = self.run_dir(method, seed) / "pretrain"
+        return st.text_diagnostic(run, cache, ids, repeats=self.cfg.diagnostic_repeats, seed=seed)
+
+    # ------------------------------------------------------------------------------------------- report
+
+    def finished(self) -> list[dict]:
+        """``result.json`` of every finished method stage of this configuration."""
+        out = []
+        for stage in self.stages():
+            if stage.cached and stage.meta.get("method") and stage.result_path.is_file():
+                out.append(json.loads(stage.result_path.read_text()))
+        return out
+
+    def report(self) -> dict:
+        results = self.finished()
+        cfg = self.cfg
+        methods = [*cfg.main_methods, *cfg.ablations]
+        metrics = [*tr.SEG_METRICS, "probe_auroc"] + (["finetune_auroc"] if cfg.cls_finetune is not None else [])
+        metrics.append("zeroshot_auroc")
+        table = tr.Results(results, cfg.data.lesion_labels)
+        summary = tr.summarise(table, methods, cfg.fractions, cfg.vssl_methods, metrics, cfg.n_boot)
+        summary.update(self.context(results), metrics=metrics, methods=methods)
+        summary.update(name_png=self.output.name + ".png", name_align_png=self.output.name + "_align.png")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        pretrain = [r for r in results if r["kind"] == "pretrain"]
+        keep = ("method", "seed", "steps", "batch", "log_b", "final", "curve", "seconds")
+        summary["pretrain"] = [{k: r[k] for k in keep if k in r} for r in pretrain]  # curve: per logged step
+        summary["textdiag"] = [r for r in results if r["kind"] == "textdiag"]
+        summary["retrieval"] = [r for r in results if r["kind"] == "retrieval"]
+        self.output.with_suffix(".md").write_text(tr.render(summary, pretrain))
+        write_json_atomic(self.output.with_suffix(".json"), _json_safe(summary))
+        tf.plot_cells(summary["cells"], methods, metrics, self.output.with_suffix(".png"), f"transfer: {cfg.name}")
+        tf.plot_align(pretrain, self.output.parent / f"{self.output.name}_align.png")
+        return summary
+
+    def context(self, results: list[dict]) -> dict:
+        """What the report says about how it was made: command, revision, times, configuration."""
+        stage_seconds: dict[str, list[float]] = {}
+        for r in results:
+            stage_seconds.setdefault(r["kind"], []).append(float(r.get("seconds", 0.0)))
+        data = json.loads((self.data / RESULT).read_text()) if self.data and (self.data / RESULT).is_file() else {}
+        pcfg = self.pretrain_config("t3d", 0)
+        run = json.loads((self.work / "run.json").read_text()) if (self.work / "run.json").is_file() else {}
+        return {
+            "name": self.cfg.name,
+            "command": run.get("command", self.command),
+            "run_started": run.get("started", ""),
+            "rendered_by": self.command,
+            "git_revision": self.revision,
+            "invocation_seconds": round(time.perf_counter() - self.started, 1),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "stage_seconds": {
+                k: {"count": len(v), "total": round(sum(v), 1), "mean": round(sum(v) / len(v), 1)}
+                for k, v in stage_seconds.items()
+            },  # fmt: skip
+            "config": to_dict(self.cfg),
+            "pretrain_config": to_dict(pcfg),
+            "dataset": data,
+        }
+
+
+def write_seg_subset(source: str, target: str, max_test: int) -> dict:
+    """A copy of an MSD ``dataset.json`` whose labelled ``test`` list keeps its first ``max_test`` entries by image
+    name (paths made absolute, so the copy works from anywhere)."""
+    src = Path(source)
+    desc = json.loads(src.read_text())
+
+    def absolute(entry):
+        if isinstance(entry, dict):
+            return {k: str((src.parent / v).resolve()) if k in ("image", "label") else v for k, v in entry.items()}
+        return str((src.parent / entry).resolve())
+
+    test = sorted((e for e in desc.get("test") or [] if isinstance(e, dict)), key=lambda e: Path(e["image"]).name)
+    desc["training"] = [absolute(e) for e in desc["training"]]
+    desc["test"] = [absolute(e) for e in test[:max_test]]
+    desc["numTest"] = len(desc["test"])
+    write_json_atomic(Path(target), desc)
+    return {"kept": len(desc["test"]), "of": len(test)}
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

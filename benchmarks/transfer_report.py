@@ -1,0 +1,380 @@
+"""Results of the transfer benchmark: stage results -> cells with intervals -> comparisons -> markdown, JSON, figures.
+
+    table = Results(stage_results, lesion_labels=[9, 10, 11, 12, 13])
+    summary = summarise(table, methods, fractions, vssl_methods, n_boot=2000)
+    (out / "transfer.md").write_text(render_markdown(summary, header))
+
+``stage_results`` is a list of the ``result.json`` dicts of the stages (``kind``, ``method``, ``seed`` and, for
+downstream runs, ``fraction``). Per-case segmentation scores are case means over classes of a group (organs, lesions),
+so a case weighs the same whatever it contains; small-lesion Dice is the lesion-level mean (cases weighted by their
+number of small lesions), as ``t3d finetune seg`` reports it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+import transfer_stats as ts
+
+SEG_METRICS = {"organ_dice": "organ Dice", "lesion_dice": "lesion Dice", "small_lesion_dice": "small-lesion Dice"}
+AUROC_METRICS = {"probe_auroc": "finding AUROC (probe)", "finetune_auroc": "finding AUROC (fine-tune)"}
+ZS_METRIC = {"zeroshot_auroc": "zero-shot AUROC"}
+
+
+class Results:
+    """Stage results indexed by (kind, method, seed, fraction)."""
+
+    def __init__(self, results: Sequence[dict], lesion_labels: Sequence[int] | None = None):
+        self.by_key = {(r["kind"], r["method"], r["seed"], r.get("fraction")): r for r in results}
+        self.lesion_labels = None if lesion_labels is None else [int(v) for v in lesion_labels]
+
+    def seeds(self, kind: str, method: str, fraction: float | None = None) -> list[int]:
+        return sorted(s for (k, m, s, f) in self.by_key if k == kind and m == method and f == fraction)
+
+    def get(self, kind: str, method: str, seed: int, fraction: float | None = None) -> dict | None:
+        return self.by_key.get((kind, method, seed, fraction))
+
+    def seg_matrix(self, metric: str, method: str, fraction: float, seeds: Sequence[int] | None = None):
+        """(values (S, N), weights (S, N) | None, case ids) of a segmentation metric; None without results."""
+        seeds = list(seeds) if seeds is not None else self.seeds("seg", method, fraction)
+        runs = [self.get("seg", method, s, fraction) for s in seeds]
+        if not runs or any(r is None for r in runs):
+            return None
+        ids = sorted(set.intersection(*[{c["id"] for c in r["cases"]} for r in runs]))
+        pairs = [[seg_case_value(r, _cases(r)[i], metric, self.lesion_labels) for i in ids] for r in runs]
+        vals, wts = np.array(pairs, dtype=float)[..., 0], np.array(pairs, dtype=float)[..., 1]  # (S, N) each
+        return vals, (wts if metric == "small_lesion_dice" else None), ids
+
+    def score_tensor(self, kind: str, method: str, fraction: float | None, seeds: Sequence[int] | None = None):
+        """(labels (N, L), scores (S, N, L), ids) of a classification-type stage; None without results."""
+        seeds = list(seeds) if seeds is not None else self.seeds(kind, method, fraction)
+        runs = [self.get(kind, method, s, fraction) for s in seeds]
+        if not runs or any(r is None for r in runs):
+            return None
+        ids = sorted(set.intersection(*[set(r["ids"]) for r in runs]))
+        first = {i: n for n, i in enumerate(runs[0]["ids"])}
+        y = np.asarray(runs[0]["y"], dtype=float)[[first[i] for i in ids]]
+        scores = []
+        for r in runs:
+            pos = {i: n for n, i in enumerate(r["ids"])}
+            scores.append(np.asarray(r["p"], dtype=float)[[pos[i] for i in ids]])
+        return y, np.stack(scores), ids
+
+
+def _cases(run: dict) -> dict:
+    return {c["id"]: c for c in run["cases"]}
+
+
+def seg_groups(labels: dict, lesion_labels: Sequence[int] | None) -> tuple[list[int], list[int]]:
+    """(organ classes, lesion classes) of a label map; lesions by name (``segdata.lesion_classes``) unless given."""
+    from t3d.finetune.segdata import lesion_classes
+
+    classes = {int(k): v for k, v in labels.items()}
+    lesions = list(lesion_labels) if lesion_labels is not None else lesion_classes(classes)
+    organs = [c for c in sorted(classes) if c > 0 and c not in lesions]
+    return organs, [c for c in lesions if c in classes]
+
+
+def seg_case_value(run: dict, case: dict, metric: str, lesion_labels: Sequence[int] | None) -> tuple[float, float]:
+    """(value, weight) of one test case: mean Dice over the organ / lesion classes present, or small-lesion Dice."""
+    if metric == "small_lesion_dice":
+        count = int(case.get("small_lesions") or 0)
+        value = case.get("small_lesion_dice")
+        return (float("nan"), 0.0) if not count or value is None else (float(value), float(count))
+    organs, lesions = seg_groups(run["labels"], lesion_labels)
+    dice = [float("nan") if d is None else float(d) for d in case["dice"]]  # classes 1..K-1
+    group = organs if metric == "organ_dice" else lesions
+    vals = [dice[c - 1] for c in group if c - 1 < len(dice) and math.isfinite(dice[c - 1])]
+    return (float(np.mean(vals)), 1.0) if vals else (float("nan"), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------- cells
+
+
+def cell(results: Results, metric: str, method: str, fraction: float | None, n_boot: int, seed: int = 0):
+    """Interval dict of one (metric, method, fraction) cell, or None without results."""
+    if metric in SEG_METRICS:
+        got = results.seg_matrix(metric, method, fraction)
+        return None if got is None else ts.dice_cell(got[0], got[1], n_boot, seed)
+    kind = {"probe_auroc": "probe", "finetune_auroc": "finetune", "zeroshot_auroc": "zeroshot"}[metric]
+    got = results.score_tensor(kind, method, fraction if kind != "zeroshot" else None)
+    return None if got is None else ts.auroc_cell(got[0], got[1], n_boot, seed)
+
+
+def compare(results: Results, metric: str, a: str, b: str, fraction: float, n_boot: int, seed: int = 0):
+    """Paired comparison of methods ``a`` - ``b`` on the seeds both have; None when not possible."""
+    if metric in SEG_METRICS:
+        seeds = sorted(set(results.seeds("seg", a, fraction)) & set(results.seeds("seg", b, fraction)))
+        ga, gb = (results.seg_matrix(metric, m, fraction, seeds) for m in (a, b)) if seeds else (None, None)
+        if ga is None or gb is None or ga[2] != gb[2]:
+            return None
+        return {**ts.paired_dice(ga[0], gb[0], ga[1], n_boot, seed), "seeds": seeds}
+    kind = {"probe_auroc": "probe", "finetune_auroc": "finetune"}[metric]
+    seeds = sorted(set(results.seeds(kind, a, fraction)) & set(results.seeds(kind, b, fraction)))
+    ga, gb = (results.score_tensor(kind, m, fraction, seeds) for m in (a, b)) if seeds else (None, None)
+    if ga is None or gb is None or ga[2] != gb[2]:
+        return None
+    return {**ts.paired_auroc(ga[0], ga[1], gb[1], n_boot, seed), "seeds": seeds}
+
+
+def summarise(
+    results: Results,
+    methods: Sequence[str],
+    fractions: Sequence[float],
+    vssl_methods: Sequence[str],
+    metrics: Sequence[str],
+    n_boot: int = 2000,
+) -> dict:
+    """Every cell, the paired comparisons of METHOD §7 and the verdicts, as one JSON-ready dict."""
+    cells: dict = {}
+    for f in fractions:
+        for m in methods:
+            for metric in metrics:
+                c = cell(results, metric, m, f if metric != "zeroshot_auroc" else None, n_boot)
+                if c is not None:
+                    cells.setdefault(str(f), {}).setdefault(m, {})[metric] = c
+    comparisons = []
+    for f in fractions:
+        for metric in [m for m in metrics if m != "zeroshot_auroc"]:
+            best = best_baseline(cells.get(str(f), {}), vssl_methods, metric)
+            if best is not None and "t3d" in methods:
+                comparisons.append(_comparison(results, metric, "t3d", best, f, n_boot, "best vSSL"))
+        if "clip" in methods and "t3d" in methods and "small_lesion_dice" in metrics:
+            comparisons.append(_comparison(results, "small_lesion_dice", "t3d", "clip", f, n_boot, "clip"))
+    return {"cells": cells, "comparisons": [c for c in comparisons if c is not None]}
+
+
+def best_baseline(cells: dict, candidates: Sequence[str], metric: str) -> str | None:
+    """The candidate method with the highest cell mean for ``metric`` (None if none has one)."""
+    scored = [(cells[m][metric]["mean"], m) for m in candidates if metric in cells.get(m, {})]
+    scored = [(v, m) for v, m in scored if v is not None and math.isfinite(v)]
+    return max(scored)[1] if scored else None
+
+
+def _comparison(results, metric, a, b, fraction, n_boot, role) -> dict | None:
+    delta = compare(results, metric, a, b, fraction, n_boot)
+    if delta is None:
+        return None
+    return {"metric": metric, "fraction": fraction, "a": a, "b": b, "role": role, **delta, "verdict": ts.verdict(delta)}
+
+
+# ----------------------------------------------------------------------------------------------- markdown
+
+
+def fmt(entry: dict | None, digits: int = 3) -> str:
+    """``0.812 [0.761, 0.858]``; ``n/a`` when missing or undefined."""
+    if not entry or entry.get("mean") is None or not math.isfinite(entry["mean"]):
+        return "n/a"
+    lo, hi = entry.get("low"), entry.get("high")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{entry['mean']:.{digits}f}"
+    return f"{entry['mean']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def metric_names(metrics: Sequence[str]) -> dict[str, str]:
+    names = {**SEG_METRICS, **AUROC_METRICS, **ZS_METRIC}
+    return {m: names[m] for m in metrics}
+
+
+def results_table(cells: dict, methods: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """One markdown table: a row per method, a column per metric (mean [95 % CI]), seeds used."""
+    names = metric_names(metrics)
+    lines = ["| method | seeds | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 2) + "|"]
+    for m in methods:
+        row = cells.get(m, {})
+        if not row:
+            continue
+        seeds = max((v.get("n_seeds", 0) for v in row.values()), default=0)
+        lines.append(f"| {m} | {seeds} | " + " | ".join(fmt(row.get(k)) for k in names) + " |")
+    return lines
+
+
+def comparison_table(comparisons: Sequence[dict]) -> list[str]:
+    names = metric_names([*SEG_METRICS, *AUROC_METRICS])
+    lines = [
+        "| fraction | metric | A vs B | A | B | delta A-B [95 % CI] | p (paired bootstrap) | Wilcoxon p (cases, n) | "
+        "verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        w = c.get("wilcoxon")
+        wil = f"{_num(w['p'])} ({w['n']})" if w else "n/a (per-seed AUROC)"
+        lines.append(
+            f"| {c['fraction']:g} | {names.get(c['metric'], c['metric'])} | {c['a']} vs {c['b']} ({c['role']}) | "
+            f"{_num(c['a_mean'])} | {_num(c['b_mean'])} | {fmt(c)} | "
+            f"{_num(c['p_boot'])} | {wil} | {c['verdict']} |"
+        )
+    return lines
+
+
+def _num(v, digits: int = 3) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def precondition_table(pretrain: Sequence[dict]) -> list[str]:
+    """Final alignment (and view) loss per pre-training run against log B (METHOD §7's precondition)."""
+    lines = [
+        "| method | seed | steps | B | log B | final align | min align | align < log B | final view | final restore | "
+        "Y self-prob |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(pretrain, key=lambda r: (r["method"], r["seed"])):
+        fin, curve = r.get("final", {}), r.get("curve", [])
+        aligns = [p["align"] for p in curve if p.get("align") is not None]
+        below = "n/a" if "align" not in fin else ("**yes**" if fin["align"] < r["log_b"] else "no")
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['steps']} | {r['batch']} | {r['log_b']:.3f} | "
+            f"{_num(fin.get('align'))} | {_num(min(aligns) if aligns else None)} | {below} | "
+            f"{_num(fin.get('view'))} | {_num(fin.get('restore'), 4)} | {_num(fin.get('target_self_prob'), 2)} |"
+        )
+    return lines
+
+
+def textdiag_table(diags: Sequence[dict], retrieval: dict) -> list[str]:
+    """Restoration L1 with the true vs a shuffled report per run, and retrieval R@5 vs chance."""
+    lines = [
+        "| method | seed | conditioning | L1 true report | L1 shuffled report | shuffled - true [95 % CI] | "
+        "Wilcoxon p (n) | R@5 image->report | R@5 report->image | chance R@5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for d in sorted(diags, key=lambda r: (r["method"], r["seed"])):
+        true, shuf = np.asarray(d["true"], float), np.asarray(d["shuffled"], float)
+        delta = ts.dice_cell((shuf - true)[None], None, 2000, 0)
+        w = ts.wilcoxon_cases(shuf[None], true[None])
+        ret = retrieval.get((d["method"], d["seed"])) or {}
+        r5 = [ret.get(k, {}).get("R@5", {}).get("value") for k in ("image_to_report", "report_to_image")]
+        lines.append(
+            f"| {d['method']} | {d['seed']} | {d['conditioning']} | {true.mean():.4f} | {shuf.mean():.4f} | "
+            f"{fmt(delta, 4)} | {_num(w['p'])} ({w['n']}) | {_num(r5[0])} | {_num(r5[1])} | "
+            f"{_num(ret.get('chance', {}).get('R@5'))} |"
+        )
+    return lines
+
+
+def retrieval_table(retrieval: dict) -> list[str]:
+    """R@1/5/10 image->report per joint-space method: mean over seeds with a t-interval across seeds."""
+    lines = ["| method | seeds | R@1 i->r | R@5 i->r | R@10 i->r | R@5 r->i | chance R@5 |", "|---" * 7 + "|"]
+    for method in sorted({m for m, _ in retrieval}):
+        runs = [v for (m, _), v in retrieval.items() if m == method]
+
+        def col(direction, k, runs=runs):
+            return fmt(ts.seed_t_interval([r[direction][k]["value"] for r in runs]))
+
+        lines.append(
+            f"| {method} | {len(runs)} | {col('image_to_report', 'R@1')} | {col('image_to_report', 'R@5')} | "
+            f"{col('image_to_report', 'R@10')} | {col('report_to_image', 'R@5')} | {runs[0]['chance']['R@5']:.3f} |"
+        )
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- document
+
+CI_NOTE = (
+    "Intervals: mean and 95 % two-level percentile bootstrap ({n_boot} replicates): seeds resampled with "
+    "replacement and held-out test cases resampled with replacement (the same case draw for every seed), so both "
+    "seed-to-seed and test-set variation are in the interval; with one seed it is the bootstrap over test cases. "
+    "Dice cells are means over (seed, case) of the case's mean Dice over the organ or lesion classes present in it; "
+    "small-lesion Dice is lesion-level (components < small_lesion_mm). AUROC cells are the mean over seeds of the "
+    "macro AUROC over findings with both label values among the test studies. Paired comparisons draw the same "
+    "seeds (paired by seed number) and cases for both methods; p (paired bootstrap) = 2 min(P(d*<=0), P(d*>=0)); "
+    "the Wilcoxon signed-rank test is over test cases on seed-averaged per-case Dice."
+)
+
+
+def config_lines(s: dict) -> list[str]:
+    """The configuration summary: data, pre-training, downstream, methods and seeds."""
+    cfg, pre, data = s["config"], s["pretrain_config"], s.get("dataset") or {}
+    seg, cls, tr_ = cfg["seg"], cfg["cls"], pre["train"]
+    lines = []
+    if data:
+        lines.append(
+            f"- data: synthetic, {data.get('num_studies')} studies, preset {data.get('preset')} "
+            f"{data.get('shape')} voxels at {data.get('spacing')} mm; splits {data.get('splits')}; "
+            f"{data.get('focal_lesions')} focal lesions, {data.get('small_lesions')} of them small"
+        )
+    else:
+        d = cfg["data"]
+        lines.append(f"- data: pre-training `{d['pretrain_manifest']}`, segmentation `{d['seg_dataset']}`, "
+                     f"classification `{d['cls_labels']}`")  # fmt: skip
+    lines += [
+        f"- pre-training: encoder {pre['model']['encoder']}/{pre['model']['preset']}, crops {pre['crops']['size']} "
+        f"x {pre['crops']['sites']} site(s) x 2 views, batch {tr_['batch_size']}, {tr_['steps']} steps, lr "
+        f"{tr_['lr']}, clip grid {pre['clip']['grid']}, text {pre['text']['model']}",
+        f"- segmentation: {seg.get('steps', '?')} steps, batch {seg.get('batch_size', '?')}, patch "
+        f"{seg.get('crop_size') or pre['crops']['size']}, lr {seg.get('lr', '?')}, test studies capped at "
+        f"{cfg['data']['seg_max_test'] or 'all'}; classification: linear probe ({cls.get('steps', '?')} L-BFGS "
+        f"iterations per L2 strength)" + (", plus full fine-tune" if cfg.get("cls_finetune") is not None else ""),
+        f"- label fractions {cfg['fractions']}; seeds {cfg['seeds']} (ablations {cfg['ablation_seeds']}); methods "
+        f"{', '.join(cfg['main_methods'])}; ablations {', '.join(cfg['ablations'])}",
+    ]
+    return lines
+
+
+def claim_lines(comparisons: Sequence[dict]) -> list[str]:
+    """METHOD §7 in plain words, one line per comparison."""
+    if not comparisons:
+        return ["- no comparison possible yet (t3d and a baseline need finished runs on the same seeds)"]
+    names = metric_names([*SEG_METRICS, *AUROC_METRICS])
+    out = []
+    for c in comparisons:
+        out.append(
+            f"- fraction {c['fraction']:g}, {names.get(c['metric'], c['metric'])}: {c['a']} vs {c['b']} "
+            f"({c['role']}): delta {fmt(c)} -> {c['verdict']}"
+        )
+    holds = all(c["verdict"].startswith("A better") for c in comparisons)
+    out.append(
+        f"- **claim {'holds' if holds else 'does not hold'} in these results** "
+        "(it needs t3d better with the interval above 0 in every comparison)"
+    )
+    return out
+
+
+def render(s: dict, pretrain: Sequence[dict]) -> str:
+    """The whole ``transfer.md``."""
+    minutes = {k: v["total"] / 60 for k, v in s["stage_seconds"].items()}
+    lines = [
+        f"# Transfer benchmark ({s['name']})",
+        "",
+        f"- command: `{s['command']}` (started {s.get('run_started') or 'n/a'})"
+        + (f"; this report rendered by `{s['rendered_by']}`" if s.get("rendered_by") != s["command"] else ""),
+        f"- git revision: `{s['git_revision']}`",
+        f"- wall time: this invocation {s['invocation_seconds'] / 60:.1f} min; stage compute recorded in the work "
+        f"folder {sum(minutes.values()):.1f} min ("
+        + ", ".join(f"{k} {v:.1f}" for k, v in sorted(minutes.items()))
+        + f"); report written {s['finished_at']}",
+        *config_lines(s),
+        "",
+        CI_NOTE.format(n_boot=s["config"]["n_boot"]),
+        "",
+        "## Precondition: does L_align fall below log B?",
+        "",
+        *precondition_table(pretrain),
+        "",
+        "Final = mean of the last logged window. Chance is log B for hard and soft targets alike; with soft targets "
+        "(t3d, t3d-no-align, t3d-uncond) the loss cannot fall below the entropy of Y's rows, so their margin under "
+        "log B is smaller (Y self-prob: mean diagonal of Y; 1 = hard targets).",
+        "",
+        f"Curves: `{s['name_align_png']}`.",
+    ]
+    for f, cells in s["cells"].items():
+        lines += ["", f"## Results at label fraction {f}", "", *results_table(cells, s["methods"], s["metrics"])]
+    lines += ["", "Zero-shot AUROC does not depend on the label fraction (same value in every table).", ""]
+    lines += ["## Paired comparisons (METHOD §7)", "", *comparison_table(s["comparisons"]), ""]
+    lines += [*claim_lines(s["comparisons"]), ""]
+    retrieval = {(r["method"], r["seed"]): r for r in s["retrieval"]}
+    lines += ["## Joint space: image-report retrieval on held-out studies", ""]
+    lines += [*retrieval_table(retrieval), "", "(mean over seeds, Student-t 95 % interval across seeds)", ""]
+    lines += ["## Does the text matter? Restoration with the true vs a shuffled report", ""]
+    lines += [
+        "Masked-voxel L1 of restoring held-out crops, same crops and masks, conditioned on the study's own report or "
+        "on another held-out study's report (a fixed derangement). A decoder that uses the report restores worse "
+        "with the wrong one (shuffled - true > 0); the unconditioned t3d-uncond is the control (exactly 0). Interval: "
+        "bootstrap over held-out studies; Wilcoxon signed-rank over studies.",
+        "",
+        *textdiag_table(s["textdiag"], retrieval),
+    ]
+    lines += ["", f"Figures: `{s['name_png']}` (bars with 95 % intervals), `{s['name_align_png']}`.", ""]
+    return "\n".join(lines)

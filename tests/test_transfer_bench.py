@@ -1,0 +1,280 @@
+"""The transfer benchmark's pure parts: intervals, paired tests, tables, stage caching, its configs (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import transfer  # noqa: E402
+import transfer_report as tr  # noqa: E402
+import transfer_stats as ts  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def test_weighted_mean_skips_nan_and_uses_weights():
+    values = np.array([[1.0, np.nan, 3.0], [5.0, 7.0, np.nan]])
+    weights = np.array([[1.0, 4.0, 1.0], [2.0, 1.0, 9.0]])
+    assert ts.weighted_mean(values, weights) == pytest.approx((1 + 3 + 10 + 7) / 5)
+    assert ts.weighted_mean(values) == pytest.approx(4.0)
+    assert math.isnan(ts.weighted_mean(np.full((2, 2), np.nan)))
+
+
+def test_identity_draws_reproduce_the_point_estimate():
+    rng = np.random.default_rng(0)
+    values = rng.random((3, 7))
+    values[1, 2] = np.nan
+    weights = rng.integers(0, 4, size=(3, 7)).astype(float)
+    seeds, cases = np.arange(3)[None], np.arange(7)[None]
+    assert ts.mean_replicates(values, weights, seeds, cases)[0] == pytest.approx(ts.weighted_mean(values, weights))
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1], [1, 0]], dtype=float)
+    scores = rng.random((3, 7, 2))
+    assert ts.auroc_replicates_2level(y, scores, seeds, cases)[0] == pytest.approx(ts.auroc_statistic(y, scores))
+
+
+def test_auroc_statistic_matches_sklearn_and_skips_single_valued_classes():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((20, 3)) < 0.4).astype(float)
+    y[:, 2] = 0.0  # no positives: left out
+    scores = rng.random((2, 20, 3))
+    expected = np.mean([np.mean([roc_auc_score(y[:, c], scores[s, :, c]) for c in range(2)]) for s in range(2)])
+    assert ts.auroc_statistic(y, scores) == pytest.approx(expected)
+    assert math.isnan(ts.auroc_statistic(np.zeros((5, 2)), rng.random((1, 5, 2))))
+
+
+def test_dice_cell_interval_brackets_the_mean_and_collapses_for_constant_values():
+    rng = np.random.default_rng(2)
+    values = rng.normal(0.6, 0.1, size=(3, 12))
+    out = ts.dice_cell(values, None, n_boot=500, seed=0)
+    assert out["low"] < out["mean"] < out["high"]
+    assert out["mean"] == pytest.approx(values.mean())
+    assert (out["n_seeds"], out["n_cases"]) == (3, 12)
+    const = ts.dice_cell(np.full((2, 5), 0.3), None, n_boot=100)
+    assert const["low"] == pytest.approx(0.3) and const["high"] == pytest.approx(0.3)
+
+
+def test_seed_t_interval():
+    out = ts.seed_t_interval([0.5, 0.7, 0.6])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert out["mean"] == pytest.approx(0.6)
+    assert out["high"] - out["mean"] == pytest.approx(half)
+    assert math.isnan(ts.seed_t_interval([0.5])["low"])
+
+
+def test_paired_dice_detects_a_constant_improvement_and_nothing_for_equal_methods():
+    rng = np.random.default_rng(3)
+    b = rng.random((3, 10))
+    better = ts.paired_dice(b + 0.1, b, None, n_boot=300)
+    assert better["mean"] == pytest.approx(0.1)
+    assert better["low"] == pytest.approx(0.1) and better["p_boot"] == 0.0
+    assert better["wilcoxon"]["p"] < 0.01 and better["wilcoxon"]["n"] == 10
+    assert ts.verdict(better).startswith("A better")
+    same = ts.paired_dice(b, b, None, n_boot=300)
+    assert same["mean"] == 0.0 and same["p_boot"] == 1.0 and same["wilcoxon"]["p"] == 1.0
+    assert ts.verdict(same) == "no clear difference"
+
+
+def test_verdict_needs_the_wilcoxon_test_where_there_is_one():
+    few = ts.paired_dice(np.array([[0.5, 0.6, 0.7]]), np.array([[0.4, 0.5, 0.6]]), None, n_boot=200)
+    assert few["low"] > 0 and few["wilcoxon"]["p"] > 0.05  # 3 cases: the bootstrap interval alone is too narrow
+    assert ts.verdict(few).startswith("no clear difference (CI excludes 0")
+    assert ts.verdict({"low": -0.2, "high": -0.1}) == "A worse (CI < 0)"
+    assert ts.verdict({"low": float("nan"), "high": 0.1}) == "undetermined"
+
+
+def test_paired_dice_scores_only_cases_defined_for_both():
+    a = np.array([[0.9, np.nan, 0.5]])
+    b = np.array([[0.7, 0.2, np.nan]])
+    out = ts.paired_dice(a, b, None, n_boot=50)
+    assert (out["a_mean"], out["b_mean"]) == (pytest.approx(0.9), pytest.approx(0.7))
+
+
+def test_paired_auroc_prefers_the_informative_scores():
+    rng = np.random.default_rng(4)
+    y = (rng.random((30, 2)) < 0.5).astype(float)
+    good = y[None] + rng.normal(0, 0.3, size=(3, 30, 2))
+    noise = rng.random((3, 30, 2))
+    out = ts.paired_auroc(y, good, noise, n_boot=300)
+    assert out["mean"] > 0.2 and out["low"] > 0 and len(out["per_seed_delta"]) == 3
+    assert out["p_boot"] < 0.05
+
+
+def test_bootstrap_p_is_two_sided():
+    assert ts.bootstrap_p(np.array([1.0, 2.0, 3.0])) == 0.0
+    assert ts.bootstrap_p(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.5)
+    assert math.isnan(ts.bootstrap_p(np.array([np.nan])))
+
+
+# ----------------------------------------------------------------------------------------------- results and tables
+
+LABELS = {"0": "background", "1": "liver", "2": "kidney", "3": "liver_lesion"}
+
+
+def seg_result(method, seed, shift, fraction=1.0):
+    cases = [
+        {"id": f"c{i}", "dice": [0.8 + shift, 0.6 + shift, None if i == 0 else 0.3 + shift],
+         "small_lesion_dice": None if i == 0 else 0.2 + shift, "small_lesions": 0 if i == 0 else i}
+        for i in range(8)
+    ]  # fmt: skip
+    return {"kind": "seg", "method": method, "seed": seed, "fraction": fraction, "labels": LABELS, "cases": cases}
+
+
+def probe_result(method, seed, scores, fraction=1.0):
+    y = [[1, 0], [0, 1], [1, 1], [0, 0]]
+    return {"kind": "probe", "method": method, "seed": seed, "fraction": fraction, "ids": ["a", "b", "c", "d"],
+            "y": y, "p": scores}  # fmt: skip
+
+
+def test_seg_case_values_group_organs_and_lesions():
+    run = seg_result("t3d", 0, 0.0)
+    assert tr.seg_groups(LABELS, None) == ([1, 2], [3])  # 'liver_lesion' is a lesion by name
+    assert tr.seg_case_value(run, run["cases"][1], "organ_dice", None) == (pytest.approx(0.7), 1.0)
+    assert tr.seg_case_value(run, run["cases"][1], "lesion_dice", None) == (pytest.approx(0.3), 1.0)
+    assert math.isnan(tr.seg_case_value(run, run["cases"][0], "lesion_dice", None)[0])
+    assert tr.seg_case_value(run, run["cases"][2], "small_lesion_dice", None) == (pytest.approx(0.2), 2.0)
+    assert tr.seg_groups(LABELS, [2, 3]) == ([1], [2, 3])
+
+
+def fake_results():
+    good = [[0.9, 0.1], [0.1, 0.9], [0.8, 0.7], [0.2, 0.1]]
+    flat = [[0.5, 0.5]] * 4
+    out = []
+    for seed in (0, 1):
+        out += [seg_result("t3d", seed, 0.05), seg_result("vssl", seed, 0.0), seg_result("clip", seed, -0.1)]
+        out += [probe_result("t3d", seed, good), probe_result("vssl", seed, flat)]
+    return out
+
+
+def test_summarise_compares_t3d_with_the_best_baseline_and_clip():
+    results = tr.Results(fake_results())
+    metrics = [*tr.SEG_METRICS, "probe_auroc"]
+    s = tr.summarise(results, ["vssl", "clip", "t3d"], [1.0], ["vssl", "clip"], metrics, n_boot=200)
+    assert s["cells"]["1.0"]["t3d"]["organ_dice"]["mean"] == pytest.approx(0.75)
+    assert s["cells"]["1.0"]["t3d"]["probe_auroc"]["mean"] == pytest.approx(1.0)
+    roles = {(c["metric"], c["b"]) for c in s["comparisons"]}
+    assert ("organ_dice", "vssl") in roles  # vssl beats clip on organ Dice, so it is 'the best baseline'
+    assert ("small_lesion_dice", "clip") in roles
+    organ = next(c for c in s["comparisons"] if c["metric"] == "organ_dice" and c["role"] == "best vSSL")
+    assert organ["mean"] == pytest.approx(0.05) and organ["verdict"].startswith("A better")
+    assert organ["seeds"] == [0, 1]
+
+
+def test_tables_render_cells_missing_values_and_precondition():
+    cells = {"t3d": {"organ_dice": {"mean": 0.75, "low": 0.7, "high": 0.8, "n_seeds": 3}}}
+    lines = tr.results_table(cells, ["vssl", "t3d"], ["organ_dice", "probe_auroc"])
+    assert lines[0] == "| method | seeds | organ Dice | finding AUROC (probe) |"
+    assert lines[2] == "| t3d | 3 | 0.750 [0.700, 0.800] | n/a |"
+    assert len(lines) == 3  # vssl has no cell: no row
+    assert tr.fmt({"mean": 0.5, "low": float("nan"), "high": 0.6}) == "0.500"
+    pre = [
+        {"method": "t3d", "seed": 0, "steps": 30, "batch": 4, "log_b": math.log(4), "final": {"align": 1.2},
+         "curve": [{"step": 5, "align": 1.5}, {"step": 10, "align": 1.2}]},
+        {"method": "vssl", "seed": 0, "steps": 30, "batch": 4, "log_b": math.log(4), "final": {"view": 1.0}},
+    ]  # fmt: skip
+    table = tr.precondition_table(pre)
+    assert "**yes**" in table[2] and "| n/a |" in table[3]
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def test_run_stages_skips_done_stages_and_isolates_failures(tmp_path):
+    calls = []
+
+    def make(name, fail=False):
+        def run():
+            calls.append(name)
+            if fail:
+                raise RuntimeError("boom")
+            return {"value": name}
+
+        return run
+
+    done = tmp_path / "a"
+    done.mkdir()
+    (done / transfer.RESULT).write_text(json.dumps({"value": "old"}))
+    stages = [
+        transfer.Stage("a", done, make("a"), {"kind": "x"}),
+        transfer.Stage("b", tmp_path / "b", make("b"), {"kind": "x", "seed": 1}),
+        transfer.Stage("c", tmp_path / "c", make("c", fail=True)),
+        transfer.Stage("d", tmp_path / "d", make("d"), needs=("c",)),
+        transfer.Stage("report", tmp_path, make("report"), cached=False),
+    ]
+    status = transfer.run_stages(stages, progress=False)
+    assert status == {"a": "cached", "b": "done", "c": "failed", "d": "skipped", "report": "done"}
+    assert calls == ["b", "c", "report"]
+    stored = json.loads((tmp_path / "b" / transfer.RESULT).read_text())
+    assert stored["value"] == "b" and stored["seed"] == 1 and "seconds" in stored
+    assert "boom" in (tmp_path / "c" / "error.txt").read_text()
+    assert not (tmp_path / "c" / transfer.RESULT).exists() and not (tmp_path / transfer.RESULT).exists()
+    calls.clear()
+    stages[2] = transfer.Stage("c", tmp_path / "c", make("c"))
+    status = transfer.run_stages(stages, progress=False)
+    assert calls == ["c", "d", "report"] and status["b"] == "cached"
+    assert not (tmp_path / "c" / "error.txt").exists()
+
+
+def test_derangement_has_no_fixed_points():
+    import transfer_stages as st
+
+    for n in (2, 3, 10):
+        perm = st.derangement(n, seed=n)
+        assert sorted(perm) == list(range(n)) and not np.any(perm == np.arange(n))
+
+
+def test_flatten_feeds_load_config():
+    assert transfer.flatten({"train": {"steps": 3, "lr": 0.1}, "crops.size": [64, 64, 32]}) == [
+        "--train.steps", "3", "--train.lr", "0.1", "--crops.size", "[64, 64, 32]",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["transfer_cpu.yaml", "transfer_gpu.yaml"])
+@pytest.mark.parametrize("smoke", [False, True])
+def test_benchmark_configs_load_and_plan(name, smoke, tmp_path):
+    from transfer_plan import Plan
+
+    cfg = transfer.load_transfer_config(ROOT / "benchmarks" / name, smoke=smoke)
+    stages = Plan(cfg, tmp_path / cfg.name).stages()  # builds and validates every run's config, runs nothing
+    names = [s.name for s in stages]
+    assert "prepare" in names and names[-1].endswith("/report")
+    for method in cfg.main_methods:
+        has_pretrain = f"seed{cfg.seeds[0]}/{method}/pretrain" in names
+        assert has_pretrain == (method != "random")
+        assert f"seed{cfg.seeds[0]}/{method}/seg f={cfg.fractions[0]:g}" in names
+    if not smoke:
+        assert len(cfg.seeds) >= 3 and len(cfg.ablation_seeds) >= 1 and len(cfg.fractions) == 2
+        assert {"random", "vssl", "vssl-contrastive", "vssl-restore", "clip", "t3d"} <= set(cfg.main_methods)
+
+
+def test_work_folder_refuses_other_settings(tmp_path):
+    from t3d.config import ConfigError
+
+    cfg = transfer.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
+    transfer.check_work_folder(tmp_path, cfg)
+    transfer.check_work_folder(tmp_path, cfg)  # same settings: fine
+    cfg.seg = {**cfg.seg, "steps": 999}
+    with pytest.raises(ConfigError, match="seg"):
+        transfer.check_work_folder(tmp_path, cfg)
+
+
+def test_seg_subset_keeps_the_first_test_studies(tmp_path):
+    from transfer_plan import write_seg_subset
+
+    desc = {"labels": {"0": "bg"}, "training": [{"image": "images/t.nii.gz", "label": "labels/t.nii.gz"}],
+            "test": [{"image": f"images/s{i}.nii.gz", "label": f"labels/s{i}.nii.gz"} for i in (3, 1, 2)]}  # fmt: skip
+    (tmp_path / "dataset.json").write_text(json.dumps(desc))
+    info = write_seg_subset(str(tmp_path / "dataset.json"), str(tmp_path / "out" / "sub.json"), 2)
+    sub = json.loads((tmp_path / "out" / "sub.json").read_text())
+    assert info == {"kept": 2, "of": 3}
+    assert [Path(e["image"]).name for e in sub["test"]] == ["s1.nii.gz", "s2.nii.gz"]
+    assert Path(sub["training"][0]["label"]).is_absolute()
