@@ -92,46 +92,38 @@ def run_demo(
     return {"pretrain": summary, "rows": rows}
 
 
-def _segment(data: Path, runs: Path, name: str, steps: int, seed: int) -> dict:
-    from t3d.finetune.config import SegConfig
+def _finetune(task: str, runs: Path, name: str, args: list[str]) -> dict:
+    """Run (or read back) one fine-tuning run; ``name``: ``pretrained`` (weights) or ``random`` (same architecture)."""
+    from t3d.finetune.cls import run_cls
+    from t3d.finetune.config import ClsConfig, SegConfig
     from t3d.finetune.seg import run_seg
 
-    out = runs / f"seg-{name}"
+    out = runs / f"{task}-{name}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    init = ["--init", str(runs / "pretrain")] if name == "pretrained" else ["--arch_from", str(runs / "pretrain")]
-    cfg = load_config(
-        SegConfig,
-        None,
+    init = ["--init" if name == "pretrained" else "--arch_from", str(runs / "pretrain")]
+    common = ["--out", str(out), "--cache", str(runs / f"{task}-cache"), "--workers", "1", *init]
+    config_cls, run = (SegConfig, run_seg) if task == "seg" else (ClsConfig, run_cls)
+    return run(load_config(config_cls, None, [*args, *common]))
+
+
+def _segment(data: Path, runs: Path, name: str, steps: int, seed: int) -> dict:
+    return _finetune(
+        "seg",
+        runs,
+        name,
         [
-            "--data", str(data / "dataset.json"), "--out", str(out), "--cache", str(runs / "seg-cache"),
+            "--data", str(data / "dataset.json"), "--seed", str(seed), "--batch_size", "2",
             # Validate once at the end on two studies, windows overlapping by a quarter: keeps the demo in minutes.
             "--steps", str(steps), "--val_every", str(steps), "--max_val_cases", "2", "--overlap", "0.25",
-            "--batch_size", "2",
-            "--lr", "1e-3", "--warmup_steps", "10", "--seed", str(seed), "--workers", "1", *init,
+            "--lr", "1e-3", "--warmup_steps", "10",
         ],
     )  # fmt: skip
-    return run_seg(cfg)
 
 
 def _classify(data: Path, runs: Path, name: str, seed: int) -> dict:
-    from t3d.finetune.cls import run_cls
-    from t3d.finetune.config import ClsConfig
-
-    out = runs / f"cls-{name}"
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    init = ["--init", str(runs / "pretrain")] if name == "pretrained" else ["--arch_from", str(runs / "pretrain")]
-    cfg = load_config(
-        ClsConfig,
-        None,
-        [
-            "--data", str(data / "findings.csv"), "--splits", str(data / "splits.json"), "--out", str(out),
-            "--cache", str(runs / "cls-cache"), "--freeze_encoder", "true", "--seed", str(seed), "--workers", "1",
-            *init,
-        ],
-    )  # fmt: skip
-    return run_cls(cfg)
+    args = ["--data", str(data / "findings.csv"), "--splits", str(data / "splits.json"), "--freeze_encoder", "true"]
+    return _finetune("cls", runs, name, [*args, "--seed", str(seed)])
 
 
 def _row(name: str, seg: dict, cls: dict) -> dict:
