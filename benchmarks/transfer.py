@@ -289,7 +289,78 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--report-only", action="store_true", help="render the report from finished stages; run nothing")
     p.add_argument("--plan", action="store_true", help="list the stages and whether each is done; run nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="INFO logging of the package")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="run the methods in N worker processes (set threads: 1 in the config)"
+    )
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # worker of --jobs: parent reports
     return p.parse_known_args(argv)
+
+
+def method_cost(method: str, n_seeds: int) -> float:
+    """Rough relative cost of a method's stages, to balance ``--jobs`` workers: the restoration decoder dominates
+    pre-training, every pre-trained encoder adds the same fine-tuning work."""
+    from t3d.losses import method_spec
+
+    if method == "random":
+        return 1.0 * n_seeds
+    return (3.0 if method_spec(method).restore else 1.5) * n_seeds
+
+
+def partition(cfg: TransferConfig, jobs: int) -> list[list[str]]:
+    """Methods split into ``jobs`` groups of similar cost (largest first onto the least loaded group)."""
+    methods = [(m, len(cfg.seeds)) for m in cfg.main_methods] + [(m, len(cfg.ablation_seeds)) for m in cfg.ablations]
+    groups: list[list[str]] = [[] for _ in range(jobs)]
+    load = [0.0] * jobs
+    for method, n in sorted(methods, key=lambda mn: -method_cost(*mn)):
+        i = load.index(min(load))
+        groups[i].append(method)
+        load[i] += method_cost(method, n)
+    return [g for g in groups if g]
+
+
+def strip_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` without ``name VALUE`` / ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
+
+
+def run_jobs(plan, cfg: TransferConfig, argv: list[str], jobs: int) -> dict[str, str]:
+    """Data stages here, then one worker process per method group (logs under ``work/jobs``); a progress bar counts
+    the finished stages of all workers. Returns the workers' stage status as read back from the work folder."""
+    stages = plan.stages()
+    shared = [s for s in stages if s.meta.get("kind") in ("data", "prepare")]
+    status = run_stages(shared)
+    if any(v == "failed" for v in status.values()):
+        return status
+    tqdm.write("preprocessing the shared downstream caches before the workers start")
+    plan.warm_caches()
+    base = strip_option(argv, "--jobs")
+    logs = plan.work / "jobs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, group in enumerate(partition(cfg, jobs)):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--methods", ",".join(group), "--no-report"]
+        log = (logs / f"job{i}.log").open("w")
+        tqdm.write(f"worker {i}: {', '.join(group)} (log: {logs / f'job{i}.log'})")
+        procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+    work = [s for s in stages if s.cached and s not in shared]
+    with tqdm(total=len(work), desc="transfer", unit="stage", dynamic_ncols=True) as bar:
+        while any(p.poll() is None for p, _ in procs):
+            bar.update(sum(s.done() for s in work) - bar.n)
+            time.sleep(10)
+        bar.update(sum(s.done() for s in work) - bar.n)
+    for _, log in procs:
+        log.close()
+    for s in work:
+        status[s.name] = "done" if s.done() else ("failed" if (s.out / "error.txt").is_file() else "skipped")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,8 +389,16 @@ def main(argv: list[str] | None = None) -> int:
         plan.report()
         return 0
     check_work_folder(plan.work, cfg)
-    write_json_atomic(plan.work / "run.json", {"command": plan.command, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    status = run_stages(stages)
+    if args.no_report:
+        stages = [s for s in stages if s.cached]
+    else:
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_json_atomic(plan.work / "run.json", {"command": plan.command, "started": started})
+    if args.jobs > 1:
+        status = run_jobs(plan, cfg, argv, args.jobs)
+        plan.report()
+    else:
+        status = run_stages(stages)
     failed = sorted(n for n, s in status.items() if s == "failed")
     print(
         f"transfer benchmark: {sum(s == 'done' for s in status.values())} stages run, "

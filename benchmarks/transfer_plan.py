@@ -201,6 +201,19 @@ class Plan:
             result["seg_test"] = write_seg_subset(self.seg_source, self.seg_dataset, self.cfg.data.seg_max_test)
         return result
 
+    def warm_caches(self) -> None:
+        """Preprocess the studies every downstream stage shares (segmentation, findings, held-out reports) now, so that
+        parallel workers (``--jobs``) only read these caches; a cache is written safely by one process at a time."""
+        from t3d.evaluate.studies import prepare_cache as prepare_heldout
+        from t3d.finetune.clsdata import prepare_label_cache, read_labels
+        from t3d.finetune.segdata import prepare_cache, read_msd
+
+        pre, workers = self.pretrain_config("t3d", 0).preprocess, self.cfg.preprocess_workers
+        train, test, _ = read_msd(self.seg_dataset)
+        prepare_cache(train + test, self.caches["seg"], pre, workers)
+        prepare_label_cache(read_labels(self.cls_labels, self.cls_images or None), self.caches["cls"], pre, workers)
+        prepare_heldout(self.heldout_manifest, self.caches["heldout"], pre, root=self.heldout_root, workers=workers)
+
     def _textdiag(self, method: str, seed: int) -> dict:
         from t3d.evaluate.studies import prepare_cache, read_split
 

@@ -278,3 +278,21 @@ def test_seg_subset_keeps_the_first_test_studies(tmp_path):
     assert info == {"kept": 2, "of": 3}
     assert [Path(e["image"]).name for e in sub["test"]] == ["s1.nii.gz", "s2.nii.gz"]
     assert Path(sub["training"][0]["label"]).is_absolute()
+
+
+def test_jobs_partition_covers_every_method_once_and_balances_cost():
+    cfg = transfer.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml")
+    groups = transfer.partition(cfg, 2)
+    flat = [m for g in groups for m in g]
+    assert sorted(flat) == sorted(cfg.main_methods + cfg.ablations)
+    loads = [
+        sum(transfer.method_cost(m, len(cfg.seeds if m in cfg.main_methods else cfg.ablation_seeds)) for m in g)
+        for g in groups
+    ]
+    assert len(groups) == 2 and max(loads) <= 1.25 * min(loads)
+    assert sorted(transfer.partition(cfg, 50)) == sorted([m] for m in flat)  # more workers than methods: one each
+
+
+def test_strip_option_removes_the_option_and_its_value_only():
+    argv = ["--config", "x.yaml", "--jobs", "2", "--seg.steps", "2", "--jobs=3"]
+    assert transfer.strip_option(argv, "--jobs") == ["--config", "x.yaml", "--seg.steps", "2"]
