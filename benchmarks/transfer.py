@@ -298,12 +298,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def method_cost(method: str, n_seeds: int) -> float:
     """Rough relative cost of a method's stages, to balance ``--jobs`` workers: the restoration decoder dominates
-    pre-training, every pre-trained encoder adds the same fine-tuning work."""
+    pre-training (it restores one view per site with contrastive terms on, both views without: vssl-restore), and
+    every pre-trained encoder adds the same fine-tuning work."""
     from t3d.losses import method_spec
 
     if method == "random":
         return 1.0 * n_seeds
-    return (3.0 if method_spec(method).restore else 1.5) * n_seeds
+    spec = method_spec(method)
+    if not spec.restore:
+        return 1.5 * n_seeds
+    return (3.0 if spec.contrastive else 5.0) * n_seeds
 
 
 def partition(cfg: TransferConfig, jobs: int) -> list[list[str]]:
