@@ -297,3 +297,38 @@ def test_accumulation_consumes_micro_batches_and_checkpoints_the_data_position(t
     assert (step2["step"], step2["epoch"], step2["batch_in_epoch"]) == (2, 0, 4)
     # global_batch is the contrastive batch (studies per micro-batch over all ranks), the B of log B.
     assert [r["global_batch"] for r in read_log(run)] == [2, 2, 2, 2]
+
+
+# ----------------------------------------------------------------------------------------------- pairing
+
+
+@pytest.mark.parametrize("method", ["t3d", "clip"])
+def test_every_study_meets_its_own_report(tiny_cache, tmp_path, method):
+    """The text feature a batch gets for a study is the (centred) embedding of *that study's* report, also when a split
+    file selects studies out of cache order (positions in the dataset then differ from cache-index rows)."""
+    import json
+
+    import torch.nn.functional as F
+
+    from t3d.config import TextConfig
+    from t3d.pretrain.data import build_dataset, build_text_lookup, report_text
+    from t3d.text import load_text_features
+
+    reports = {}
+    for line in (tiny_cache.data / "reports.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        reports[row["id"]] = report_text(row, "both")
+    ids = sorted(reports)[::-1][:8]  # reversed: dataset order differs from the cache index
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ids}))
+    split = {"data.split_file": tmp_path / "splits.json", "data.split": "train"}
+    cfg = load_config(PretrainConfig, None, pretrain_args(tiny_cache.cache, tmp_path / "run", method, **split)[1:])
+    spec = method_spec(method)
+    dataset = build_dataset(cfg, spec)
+    lookup = build_text_lookup(cfg, spec, dataset, torch.device("cpu"))
+    texts = [reports[i] for i in ids]
+    feats = load_text_features(texts, TextConfig(), tiny_cache.cache / "text", progress=False)
+    expected = F.normalize(feats.pooled - lookup.mean, dim=-1)  # the lookup's mean is over these same 8 reports
+    for k in range(len(dataset)):
+        item = dataset[k]
+        got = lookup.for_batch({"index": torch.tensor([item["index"]])})["frozen"][0]
+        torch.testing.assert_close(got, expected[ids.index(item["id"])], rtol=1e-5, atol=1e-6)
