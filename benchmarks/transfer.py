@@ -397,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         stages = [s for s in stages if s.cached]
     else:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
-        write_json_atomic(plan.work / "run.json", {"command": plan.command, "started": started})
+        run = {"command": plan.command, "started": started, "git_revision": plan.revision}
+        write_json_atomic(plan.work / "run.json", run)
     if args.jobs > 1:
         status = run_jobs(plan, cfg, argv, args.jobs)
         plan.report()

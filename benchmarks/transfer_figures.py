@@ -62,7 +62,7 @@ def plot_align(pretrain: Sequence[dict], out_png) -> None:
             ax.axhline(log_b, color="grey", ls="--", lw=0.9, label=f"log B = {log_b:.2f} (chance)")
     ax.set_xlabel("pre-training step")
     ax.set_ylabel("L_align")
-    ax.set_title("Alignment loss during pre-training (precondition: below log B)", fontsize=9)
+    ax.set_title("Alignment loss during pre-training (precondition: clearly below log B)", fontsize=9)
     ax.grid(alpha=0.3)
     if runs:
         ax.legend(fontsize=7)

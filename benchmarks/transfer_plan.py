@@ -269,6 +269,7 @@ class Plan:
             "name": self.cfg.name,
             "command": run.get("command", self.command),
             "run_started": run.get("started", ""),
+            "run_revision": run.get("git_revision", ""),
             "rendered_by": self.command,
             "git_revision": self.revision,
             "invocation_seconds": round(time.perf_counter() - self.started, 1),

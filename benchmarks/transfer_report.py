@@ -214,23 +214,64 @@ def _num(v, digits: int = 3) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+PRECONDITION_SHARE = 0.10
+"""L_align counts as learning when it has covered this share of the way from chance (log B) to its floor."""
+
+
+def align_floor(self_prob: float | None, batch: int) -> float:
+    """Lowest reachable cross-entropy against targets Y whose rows put ``self_prob`` on the diagonal: the entropy of a
+    row with the rest spread evenly (0 for hard targets). An upper bound of the true floor (uneven rows have less
+    entropy), so the share of the way is, if anything, overstated."""
+    p = 1.0 if self_prob is None else min(max(float(self_prob), 1e-9), 1.0)
+    if p >= 1.0 - 1e-9 or batch < 2:
+        return 0.0
+    q = (1.0 - p) / (batch - 1)
+    return -p * math.log(p) - (1.0 - p) * math.log(q)
+
+
+def align_progress(final: float, log_b: float, floor: float) -> float:
+    """Share of the way from log B (chance) down to ``floor`` (negative when above chance)."""
+    return (log_b - final) / max(log_b - floor, 1e-9)
+
+
 def precondition_table(pretrain: Sequence[dict]) -> list[str]:
-    """Final alignment (and view) loss per pre-training run against log B (METHOD §7's precondition)."""
+    """Final alignment (and view) loss per pre-training run against log B (METHOD §7's precondition): met when the
+    final L_align has covered at least ``PRECONDITION_SHARE`` of the way from log B to its floor."""
     lines = [
-        "| method | seed | steps | B | log B | final align | min align | align < log B | final view | final restore | "
-        "Y self-prob |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seed | steps | B | log B | floor | final align | min align | share of the way to the floor | "
+        "precondition met | final view | final restore | Y self-prob |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(pretrain, key=lambda r: (r["method"], r["seed"])):
         fin, curve = r.get("final", {}), r.get("curve", [])
         aligns = [p["align"] for p in curve if p.get("align") is not None]
-        below = "n/a" if "align" not in fin else ("**yes**" if fin["align"] < r["log_b"] else "no")
+        floor = align_floor(fin.get("target_self_prob"), r["batch"])
+        share = align_progress(fin["align"], r["log_b"], floor) if "align" in fin else None
+        met = "n/a" if share is None else ("**yes**" if share >= PRECONDITION_SHARE else "no")
         lines.append(
-            f"| {r['method']} | {r['seed']} | {r['steps']} | {r['batch']} | {r['log_b']:.3f} | "
-            f"{_num(fin.get('align'))} | {_num(min(aligns) if aligns else None)} | {below} | "
+            f"| {r['method']} | {r['seed']} | {r['steps']} | {r['batch']} | {r['log_b']:.3f} | {floor:.3f} | "
+            f"{_num(fin.get('align'))} | {_num(min(aligns) if aligns else None)} | "
+            f"{'n/a' if share is None else f'{100 * share:.0f} %'} | {met} | "
             f"{_num(fin.get('view'))} | {_num(fin.get('restore'), 4)} | {_num(fin.get('target_self_prob'), 2)} |"
         )
     return lines
+
+
+def precondition_summary(pretrain: Sequence[dict]) -> list[str]:
+    """One line per aligning method: in how many runs L_align met the precondition."""
+    lines = []
+    for method in sorted({r["method"] for r in pretrain if "align" in r.get("final", {})}):
+        runs = [r for r in pretrain if r["method"] == method]
+        shares = [
+            align_progress(r["final"]["align"], r["log_b"], align_floor(r["final"].get("target_self_prob"), r["batch"]))
+            for r in runs
+        ]
+        met = sum(x >= PRECONDITION_SHARE for x in shares)
+        lines.append(
+            f"- {method}: precondition met in {met} of {len(runs)} runs "
+            f"(share of the way to the floor {', '.join(f'{100 * x:.0f} %' for x in shares)})"
+        )
+    return [*lines, ""] if lines else []
 
 
 def textdiag_table(diags: Sequence[dict], retrieval: dict) -> list[str]:
@@ -340,7 +381,12 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
         "",
         f"- command: `{s['command']}` (started {s.get('run_started') or 'n/a'})"
         + (f"; this report rendered by `{s['rendered_by']}`" if s.get("rendered_by") != s["command"] else ""),
-        f"- git revision: `{s['git_revision']}`",
+        f"- git revision: `{s['git_revision']}`"
+        + (
+            f" (the run started at `{s['run_revision']}`)"
+            if s.get("run_revision") and s["run_revision"] != s["git_revision"]
+            else ""
+        ),
         f"- wall time: this invocation {s['invocation_seconds'] / 60:.1f} min; stage compute recorded in the work "
         f"folder {sum(minutes.values()):.1f} min ("
         + ", ".join(f"{k} {v:.1f}" for k, v in sorted(minutes.items()))
@@ -353,9 +399,12 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
         "",
         *precondition_table(pretrain),
         "",
-        "Final = mean of the last logged window. Chance is log B for hard and soft targets alike; with soft targets "
-        "(t3d, t3d-no-align, t3d-uncond) the loss cannot fall below the entropy of Y's rows, so their margin under "
-        "log B is smaller (Y self-prob: mean diagonal of Y; 1 = hard targets).",
+        *precondition_summary(pretrain),
+        "Final = mean of the last logged window. Chance is log B for hard and soft targets alike; the loss cannot "
+        "fall below the entropy of Y's rows (floor: 0 for hard targets; for soft targets (t3d, t3d-uncond) the entropy "
+        "of a row with the mean self-probability on the diagonal and the rest spread evenly, an upper bound). The "
+        f"precondition is met when the final L_align has covered at least {100 * PRECONDITION_SHARE:.0f} % of the way "
+        "from log B to the floor (Y self-prob: mean diagonal of Y; 1 = hard targets).",
         "",
         f"Curves: `{s['name_align_png']}`.",
     ]

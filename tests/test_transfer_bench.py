@@ -182,7 +182,17 @@ def test_tables_render_cells_missing_values_and_precondition():
         {"method": "vssl", "seed": 0, "steps": 30, "batch": 4, "log_b": math.log(4), "final": {"view": 1.0}},
     ]  # fmt: skip
     table = tr.precondition_table(pre)
-    assert "**yes**" in table[2] and "| n/a |" in table[3]
+    assert "**yes**" in table[2] and "| 13 % |" in table[2] and "| n/a |" in table[3]
+    pre[0]["final"]["align"] = 1.38  # below log 4 = 1.386, but by a hair: not learning
+    assert "| no |" in tr.precondition_table(pre)[2]
+
+
+def test_align_floor_is_the_entropy_of_an_evenly_spread_row():
+    assert tr.align_floor(None, 4) == 0.0 and tr.align_floor(1.0, 8) == 0.0
+    assert tr.align_floor(0.25, 4) == pytest.approx(math.log(4))  # uniform row: the floor is chance itself
+    p, q = 0.5, 0.5 / 3
+    assert tr.align_floor(0.5, 4) == pytest.approx(-p * math.log(p) - 3 * q * math.log(q))
+    assert tr.align_progress(math.log(4), math.log(4), 0.0) == 0.0 and tr.align_progress(0.0, 1.0, 0.0) == 1.0
 
 
 # ----------------------------------------------------------------------------------------------- stages
