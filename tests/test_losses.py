@@ -319,6 +319,7 @@ def test_objective_terms_and_weighting(method):
     diagnostics = ({"target_self_prob"} if spec.contrastive else set()) | (
         {"tau_align"} if spec.align != "none" else set()
     )
+    diagnostics |= {"study_cos"} if spec.align == "global" else set()
     assert set(terms) == EXPECTED_KEYS[method] | {"loss"} | diagnostics
     assert list(terms) == PretrainObjective(cfg, spec, tau_text=0.05).term_names()
     y = text_affinity_targets(out["frozen_text"], 0.05) if spec.soft_targets else hard_targets(4).to(DT)
@@ -335,6 +336,9 @@ def test_objective_terms_and_weighting(method):
     torch.testing.assert_close(terms["loss"], 0.7 * tcl + 2.0 * terms.get("restore", 0.0))
     if "tau_align" in terms:
         assert terms["tau_align"].item() == pytest.approx(1 / 12)
+    if "study_cos" in terms:
+        u = F.normalize(out["study_emb"], dim=-1)
+        assert terms["study_cos"].item() == pytest.approx(((u @ u.T).sum() - 4).item() / 12, rel=1e-5)
     if spec.contrastive:
         assert terms["target_self_prob"].item() == pytest.approx(target_self_prob(y).item())
     terms["loss"].backward()
@@ -363,3 +367,14 @@ def test_objective_is_computed_in_float32_under_bf16_autocast():
     for key in plain:
         assert autocast[key].dtype == torch.float32
         torch.testing.assert_close(autocast[key], plain[key])
+
+
+def test_study_cos_reads_one_for_a_collapsed_batch_and_about_zero_for_orthogonal_rows():
+    from t3d.losses.objective import mean_pairwise_cosine
+
+    same = torch.ones(4, 8) + 1e-6 * torch.randn(4, 8)
+    assert mean_pairwise_cosine(same).item() == pytest.approx(1.0, abs=1e-4)
+    assert mean_pairwise_cosine(torch.eye(4)).item() == pytest.approx(0.0, abs=1e-7)
+    u = torch.randn(5, 3)
+    loop = sum(torch.cosine_similarity(u[i], u[j], dim=0) for i in range(5) for j in range(5) if i != j) / 20
+    assert mean_pairwise_cosine(u).item() == pytest.approx(loop.item(), rel=1e-5)

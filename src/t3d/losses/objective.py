@@ -17,7 +17,8 @@ The model returns a dict of tensors (this rank's B studies, K sites, 2 views eac
 - ``restored`` / ``target`` (N, C, D, H, W), ``mask`` (N, 1, D, H, W) bool, True = hidden — for TIR.
 
 Returned keys: only the terms the method uses (``view``, ``align``, ``tcl``, ``restore``), ``loss``, and the
-diagnostics ``target_self_prob`` (mean diagonal of Y; any contrastive method) and ``tau_align`` (align methods).
+diagnostics ``target_self_prob`` (mean diagonal of Y; any contrastive method), ``tau_align`` (align methods) and
+``study_cos`` (mean pairwise cosine of the batch's study embeddings, global align: near 1 = collapsed joint space).
 A run uses one method, so its log schema is stable (``term_names()`` lists it); absent terms are not logged as
 misleading zeros. Terms keep their graph (``.item()`` them for logging; ``t3d.distributed.all_reduce_mean`` for the
 mean over ranks).
@@ -88,6 +89,7 @@ class PretrainObjective(nn.Module):
         names = ["target_self_prob"] if spec.contrastive else []
         names += ["view"] if spec.view else []
         names += ["align", "tau_align"] if spec.align != "none" else []
+        names += ["study_cos"] if spec.align == "global" else []
         names += ["tcl"] if spec.contrastive else []
         names += ["restore"] if spec.restore else []
         return names + ["loss"]
@@ -114,6 +116,8 @@ class PretrainObjective(nn.Module):
                 scale = self.logit_scale(out, anchor.device)
                 terms["align"] = self._align(out, y, scale)
                 terms["tau_align"] = (1.0 / scale).detach()
+                if spec.align == "global":
+                    terms["study_cos"] = mean_pairwise_cosine(out["study_emb"].detach())
                 weighted = cfg.lambda_align * terms["align"]
                 tcl = weighted if tcl is None else tcl + weighted
             terms["tcl"] = tcl
@@ -127,3 +131,14 @@ class PretrainObjective(nn.Module):
             loss = weighted if loss is None else loss + weighted
         terms["loss"] = loss
         return terms
+
+
+def mean_pairwise_cosine(u: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between the different rows of ``u`` (B, E): a collapse monitor for the joint space. Near 1, every
+    study embeds to the same point and L_align sits at log B whatever the reports say (seen on CPU-sized runs)."""
+    if u.shape[0] < 2:
+        return u.new_tensor(float("nan"))
+    z = torch.nn.functional.normalize(u.float(), dim=-1)
+    sim = z @ z.T
+    b = z.shape[0]
+    return (sim.sum() - sim.diagonal().sum()) / (b * (b - 1))
