@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -355,13 +356,22 @@ def run_jobs(plan, cfg: TransferConfig, argv: list[str], jobs: int) -> dict[str,
         tqdm.write(f"worker {i}: {', '.join(group)} (log: {logs / f'job{i}.log'})")
         procs.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), log))
     work = [s for s in stages if s.cached and s not in shared]
-    with tqdm(total=len(work), desc="transfer", unit="stage", dynamic_ncols=True) as bar:
-        while any(p.poll() is None for p, _ in procs):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` of the parent stops the workers too
+    try:
+        with tqdm(total=len(work), desc="transfer", unit="stage", dynamic_ncols=True) as bar:
+            while any(p.poll() is None for p, _ in procs):
+                bar.update(sum(s.done() for s in work) - bar.n)
+                time.sleep(10)
             bar.update(sum(s.done() for s in work) - bar.n)
-            time.sleep(10)
-        bar.update(sum(s.done() for s in work) - bar.n)
-    for _, log in procs:
-        log.close()
+    except BaseException:  # Ctrl-C / SIGTERM of the parent: stop the workers too (a rerun resumes every stage)
+        for p, _ in procs:
+            p.terminate()
+        for p, _ in procs:
+            p.wait()
+        raise
+    finally:
+        for _, log in procs:
+            log.close()
     for s in work:
         status[s.name] = "done" if s.done() else ("failed" if (s.out / "error.txt").is_file() else "skipped")
     return status
