@@ -234,6 +234,14 @@ def align_progress(final: float, log_b: float, floor: float) -> float:
     return (log_b - final) / max(log_b - floor, 1e-9)
 
 
+def align_share(run: dict) -> float | None:
+    """A pre-training run's share of the way from log B to its floor (None without L_align)."""
+    fin = run.get("final", {})
+    if "align" not in fin:
+        return None
+    return align_progress(fin["align"], run["log_b"], align_floor(fin.get("target_self_prob"), run["batch"]))
+
+
 def precondition_table(pretrain: Sequence[dict]) -> list[str]:
     """Final alignment (and view) loss per pre-training run against log B (METHOD §7's precondition): met when the
     final L_align has covered at least ``PRECONDITION_SHARE`` of the way from log B to its floor."""
@@ -246,7 +254,7 @@ def precondition_table(pretrain: Sequence[dict]) -> list[str]:
         fin, curve = r.get("final", {}), r.get("curve", [])
         aligns = [p["align"] for p in curve if p.get("align") is not None]
         floor = align_floor(fin.get("target_self_prob"), r["batch"])
-        share = align_progress(fin["align"], r["log_b"], floor) if "align" in fin else None
+        share = align_share(r)
         met = "n/a" if share is None else ("**yes**" if share >= PRECONDITION_SHARE else "no")
         lines.append(
             f"| {r['method']} | {r['seed']} | {r['steps']} | {r['batch']} | {r['log_b']:.3f} | {floor:.3f} | "
@@ -262,10 +270,7 @@ def precondition_summary(pretrain: Sequence[dict]) -> list[str]:
     lines = []
     for method in sorted({r["method"] for r in pretrain if "align" in r.get("final", {})}):
         runs = [r for r in pretrain if r["method"] == method]
-        shares = [
-            align_progress(r["final"]["align"], r["log_b"], align_floor(r["final"].get("target_self_prob"), r["batch"]))
-            for r in runs
-        ]
+        shares = [align_share(r) for r in runs]
         met = sum(x >= PRECONDITION_SHARE for x in shares)
         lines.append(
             f"- {method}: precondition met in {met} of {len(runs)} runs "

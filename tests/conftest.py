@@ -1,4 +1,6 @@
-"""Session fixtures shared by several test modules.
+"""Fixtures shared by several test modules.
+
+``one_thread``: one torch intra-op thread for the test (modules opt in with ``pytest.mark.usefixtures``).
 
 ``tiny_cache``: one synthetic ``tiny``-preset dataset (48x48x32 voxels at 5x5x6 mm) preprocessed at native spacing
 into a crop cache, with its report features already in the cache's text store, built once per test session. Tests
@@ -25,6 +27,18 @@ class TinyCache:
     cache: Path
     """Crop cache of *every* study in ``reports.jsonl`` (all splits), text features in ``cache/text``."""
     num_studies: int
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny convolutions on a shared 2-core machine: threads only contend; subprocess
+    runs get the same through OMP_NUM_THREADS=1, so numerics match)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

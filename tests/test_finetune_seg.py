@@ -20,12 +20,7 @@ FAST = ["--steps", "3", "--val_every", "2", "--batch_size", "1", "--workers", "0
         "--lr", "1e-3", "--crop_size", json.dumps(list(CROP)), "--sw_batch_size", "2"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions on a shared 2-core machine: threads only contend
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ needs_einops = pytest.mark.skipif(not HAS_EINOPS, reason="MONAI's SwinTransforme
 ENCODERS = [pytest.param("swinvit", marks=needs_einops), "resnet"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def smooth_volume(n: int, low: float, high: float, seed: int, size=SIZE) -> torch.Tensor:

@@ -24,12 +24,7 @@ PREPROCESS = PreprocessConfig(spacing=(1.5, 1.5, 1.5), min_size=(32, 32, 32))
 WINDOWS = ((-1000.0, 1000.0),)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "rng", "config",
 BOOKKEEPING = {"step", "grad_norm", "lr", "skipped_steps", "crops_per_s", "peak_mem_mb", "global_batch"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as the subprocess runs get through OMP_NUM_THREADS=1 (same numerics, no contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # ----------------------------------------------------------------------------------------------- every method
