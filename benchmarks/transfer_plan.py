@@ -22,13 +22,13 @@ import numpy as np
 
 from t3d.config import PretrainConfig, load_config, to_dict
 from t3d.data.cache import write_json_atomic
+from t3d.data.cases import prepare_cache as prepare_seg_cache
+from t3d.data.labels import prepare_label_cache, read_labels
 from t3d.data.preprocess import preprocess_manifest
 from t3d.data.synthetic import generate_dataset
 from t3d.evaluate.studies import prepare_cache as prepare_study_cache
 from t3d.evaluate.studies import read_split
-from t3d.finetune.clsdata import prepare_label_cache, read_labels
 from t3d.finetune.config import ClsConfig, SegConfig
-from t3d.finetune.segdata import prepare_cache as prepare_seg_cache
 from t3d.finetune.segdata import read_msd
 from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space
 from transfer_figures import plot_align, plot_cells
