@@ -97,8 +97,8 @@ def align_share(run: dict) -> float | None:
 
 
 def precondition_table(pretrain: Sequence[dict]) -> list[str]:
-    """Final alignment (and view) loss per pre-training run against log B (METHOD §7's precondition): met when the
-    final L_align has covered at least ``PRECONDITION_SHARE`` of the way from log B to its floor."""
+    """Final alignment (and view) loss per pre-training run against log B (the precondition of docs/method.md §7):
+    met when the final L_align has covered at least ``PRECONDITION_SHARE`` of the way from log B to its floor."""
     lines = [
         "| method | seed | steps | B | log B | floor | final align | min align | share of the way to the floor | "
         "precondition met | final view | final restore | Y self-prob |",
@@ -214,7 +214,7 @@ def config_lines(s: dict) -> list[str]:
 
 
 def claim_lines(comparisons: Sequence[dict]) -> list[str]:
-    """METHOD §7 in plain words, one line per comparison."""
+    """docs/method.md §7 in plain words, one line per comparison."""
     if not comparisons:
         return ["- no comparison possible yet (t3d and a baseline need finished runs on the same seeds)"]
     names = metric_names([*SEG_METRICS, *AUROC_METRICS])
@@ -270,7 +270,7 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
     for f, cells in s["cells"].items():
         lines += ["", f"## Results at label fraction {f}", "", *results_table(cells, s["methods"], s["metrics"])]
     lines += ["", "Zero-shot AUROC does not depend on the label fraction (same value in every table).", ""]
-    lines += ["## Paired comparisons (METHOD §7)", "", *comparison_table(s["comparisons"]), ""]
+    lines += ["## Paired comparisons (docs/method.md §7)", "", *comparison_table(s["comparisons"]), ""]
     lines += [*claim_lines(s["comparisons"]), ""]
     retrieval = {(r["method"], r["seed"]): r for r in s["retrieval"]}
     lines += ["## Joint space: image-report retrieval on held-out studies", ""]

@@ -1,4 +1,4 @@
-"""``t3d embed``: export study embeddings of a manifest from a pre-training checkpoint (METHOD §6).
+"""``t3d embed``: export study embeddings of a manifest from a pre-training checkpoint (docs/method.md §6).
 
     t3d embed --checkpoint runs/pretrain --manifest studies.jsonl --out emb/
 

@@ -1,4 +1,4 @@
-"""``t3d preprocess``: a manifest of raw studies -> the int16 HU crop cache of ``t3d.data.cache`` (METHOD §1).
+"""``t3d preprocess``: a manifest of raw studies -> the int16 HU crop cache of ``t3d.data.cache`` (docs/method.md §1).
 
     t3d preprocess --manifest reports.csv --root /data/ct --out cache --workers 8 --preprocess.spacing [0.8,0.8,1.5]
 

@@ -1,4 +1,4 @@
-"""``t3d evaluate zeroshot|retrieval``: joint-space evaluation of a pre-training checkpoint (METHOD §6).
+"""``t3d evaluate zeroshot|retrieval``: joint-space evaluation of a pre-training checkpoint (docs/method.md §6).
 
 t3d evaluate zeroshot --checkpoint runs/pretrain --data findings.csv [--splits splits.json --split test]
     [--prompts prompts.yaml] [--images DIR] [--out runs/eval/zeroshot]

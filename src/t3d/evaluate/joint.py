@@ -1,4 +1,4 @@
-"""A pre-training checkpoint as an evaluator: study features, study embeddings and text embeddings (METHOD §6).
+"""A pre-training checkpoint as an evaluator: study features, study embeddings and text embeddings (docs/method.md §6).
 
     jm = load_joint("runs/pretrain")                               # run folder or .pt file
     data = study_dataset(jm.cfg, jm.spec, "cache", ids)            # grid crops (whole volume for ``clip``)

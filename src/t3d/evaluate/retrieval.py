@@ -1,4 +1,4 @@
-"""Image <-> report retrieval in the joint space (METHOD §6): Recall@1/5/10 with bootstrap intervals.
+"""Image <-> report retrieval in the joint space (docs/method.md §6): Recall@1/5/10 with bootstrap intervals.
 
     hits = recall_hits(u @ t.T, ks=(1, 5, 10))       # (Q, 3): 1 where query i's own item is in its top k
     result = retrieval_metrics(u, t, n_boot=1000)    # both directions, intervals, chance k / N

@@ -1,4 +1,4 @@
-"""Zero-shot finding classification in the joint image-text space (METHOD §6), CheXzero-style prompt pairs.
+"""Zero-shot finding classification in the joint image-text space (docs/method.md §6), CheXzero-style prompt pairs.
 
 For each finding, positive prompts ("There is {finding}.") and negative prompts ("There is no {finding}.") are
 embedded by the checkpoint's text path and averaged per side (prompt ensemble: mean of unit vectors, renormalised,

@@ -1,4 +1,4 @@
-"""``t3d finetune cls``: multi-label finding classification from a pre-trained encoder (METHOD §6).
+"""``t3d finetune cls``: multi-label finding classification from a pre-trained encoder (docs/method.md §6).
 
     t3d finetune cls --data findings.csv --init runs/pretrain [--probe] [--fraction 0.1] [--splits splits.json] \
         [--images DIR] [--out runs/cls] [--config cls.yaml] [--steps 300 --sites 4 ...]
@@ -47,7 +47,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "cls",
         help="classify findings: linear probe or fine-tune of a pre-trained encoder",
-        description="Multi-label classification (METHOD §6). Any ClsConfig field can be overridden: --steps 100.",
+        description="Multi-label classification (docs/method.md §6). Any ClsConfig field can be overridden: "
+        "--steps 100.",
     )
     p.add_argument("--data", help="findings CSV (CT-RATE multi_abnormality_labels layout: VolumeName + 0/1 columns)")
     p.add_argument("--init", help="pre-training checkpoint (.pt or run folder), or 'random'")

@@ -1,4 +1,4 @@
-"""``t3d finetune {seg,cls}``: downstream fine-tuning commands (METHOD §6).
+"""``t3d finetune {seg,cls}``: downstream fine-tuning commands (docs/method.md §6).
 
 Each task module exposes ``add_parser(subparsers)`` and registers itself under ``finetune`` here, as top-level
 commands do in ``t3d.cli``.

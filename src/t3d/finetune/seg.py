@@ -1,4 +1,4 @@
-"""``t3d finetune seg``: organ + tumour segmentation from a pre-trained encoder (METHOD §6).
+"""``t3d finetune seg``: organ + tumour segmentation from a pre-trained encoder (docs/method.md §6).
 
     t3d finetune seg --data Task03_Liver/dataset.json --init runs/pretrain --fraction 0.1 --out runs/seg_t3d_10
     t3d finetune seg --data ... --init random --model.encoder swinvit --model.preset base   # the baseline
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "seg",
         help="fine-tune SwinUNETR / encoder-UNet segmentation on an MSD-layout dataset",
-        description="Segmentation fine-tuning (METHOD §6). Any SegConfig field can be overridden: --lr 3e-4, "
+        description="Segmentation fine-tuning (docs/method.md §6). Any SegConfig field can be overridden: --lr 3e-4, "
         "--crop_size [64,64,64], --model.preset base (random init only).",
     )
     p.add_argument("--data", help="MSD dataset.json (training [{image,label}], labels)")

@@ -1,4 +1,4 @@
-"""Text-affinity targets Y (METHOD §4): which studies the reports say belong together.
+"""Text-affinity targets Y (docs/method.md §4): which studies the reports say belong together.
 
     s = features.centred()[batch_ids]              # (B, Et) L2-normalised, centred frozen report embeddings
     Y = text_affinity_targets(s, tau_text)         # (B, B) rows sum to 1, no gradient

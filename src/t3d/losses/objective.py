@@ -1,4 +1,4 @@
-"""The pre-training objective: ``L = λ_tcl · (L_view + λ_align · L_align) + λ_tir · TIR`` (METHOD §4).
+"""The pre-training objective: ``L = λ_tcl · (L_view + λ_align · L_align) + λ_tir · TIR`` (docs/method.md §4).
 
     objective = PretrainObjective(cfg.loss, method_spec(cfg.method), tau_text=tau)
     terms = objective(out)            # {"view": ..., "align": ..., "restore": ..., "tcl": ..., "loss": ...}

@@ -1,4 +1,4 @@
-"""3D image encoders behind one timm-like contract (METHOD §3).
+"""3D image encoders behind one timm-like contract (docs/method.md §3).
 
     encoder = build_encoder(cfg.model, in_channels=cfg.crops.channels, img_size=cfg.crops.size)
     feats = encoder.forward_features(x)   # x (N, C, D, H, W) -> [(N, C_i, D/s_i, H/s_i, W/s_i)], s_i = 1, 2, ..., 32

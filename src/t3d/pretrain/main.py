@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain",
         help="pre-train an image encoder on (CT, report) pairs",
-        description="Pre-train with METHOD §2-§5. Any config value can be overridden: --train.lr 1e-4.",
+        description="Pre-train with docs/method.md §2-§5. Any config value can be overridden: --train.lr 1e-4.",
     )
     p.add_argument("--config", help="YAML config (see configs/); defaults apply where it is silent")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")

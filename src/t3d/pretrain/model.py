@@ -1,4 +1,4 @@
-"""The pre-training model: image encoder + projection heads + text-conditioned restoration decoder (METHOD §3).
+"""The pre-training model: image encoder + projection heads + text-conditioned restoration decoder (docs/method.md §3).
 
 The model returns tensors; the loss is a separate object (``t3d.losses.PretrainObjective``). One forward pass serves
 both pretext tasks. With restoration and contrastive terms on, the *second* view of every site is masked and
