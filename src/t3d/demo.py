@@ -15,6 +15,13 @@ import time
 from pathlib import Path
 
 from t3d.config import PretrainConfig, load_config
+from t3d.data.preprocess import preprocess_manifest
+from t3d.data.synthetic import generate_dataset
+from t3d.data.synthetic.command import format_summary
+from t3d.finetune.cls import run_cls
+from t3d.finetune.config import ClsConfig, SegConfig
+from t3d.finetune.seg import run_seg
+from t3d.pretrain.main import run_pretrain
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -46,11 +53,6 @@ def run_demo(
     preset: str = "small",
 ) -> dict:
     """Run every stage; return ``{"pretrain": summary, "rows": [table rows]}``."""
-    from t3d.data.preprocess import preprocess_manifest
-    from t3d.data.synthetic import generate_dataset
-    from t3d.data.synthetic.command import format_summary
-    from t3d.pretrain.main import run_pretrain
-
     out = Path(out)
     data, cache, runs = out / "data", out / "cache", out / "runs"
     t0 = time.perf_counter()
@@ -94,10 +96,6 @@ def run_demo(
 
 def _finetune(task: str, runs: Path, name: str, args: list[str]) -> dict:
     """Run (or read back) one fine-tuning run; ``name``: ``pretrained`` (weights) or ``random`` (same architecture)."""
-    from t3d.finetune.cls import run_cls
-    from t3d.finetune.config import ClsConfig, SegConfig
-    from t3d.finetune.seg import run_seg
-
     out = runs / f"{task}-{name}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t3d.checkpoint import save_checkpoint
+from t3d.checkpoint import latest_checkpoint, save_checkpoint
 from t3d.config import ConfigError, load_config, save_config, to_dict
-from t3d.data.cache import write_json_atomic
+from t3d.data.cache import StudyCache, write_json_atomic
 from t3d.data.crops import CropDataset, WholeVolumeDataset
 from t3d.data.grid import GridCropDataset
 from t3d.data.labels import prepare_label_cache, read_labels
@@ -165,9 +165,6 @@ def probe_features(model: StudyClassifier, setup: EncoderSetup, cache: Path, ids
     that shapes a feature (grid, windows, crops per study, pooling); each entry also records the study's
     preprocessing hash, so a re-preprocessed study is encoded again.
     """
-    from t3d.checkpoint import latest_checkpoint
-    from t3d.data.cache import StudyCache
-
     source = Path(cfg.init)
     if cfg.init != "random" and source.is_dir():
         source = latest_checkpoint(source) or source
