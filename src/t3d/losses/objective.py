@@ -135,7 +135,7 @@ class PretrainObjective(nn.Module):
 
 def mean_pairwise_cosine(u: torch.Tensor) -> torch.Tensor:
     """Mean cosine between the different rows of ``u`` (B, E): a collapse monitor for the joint space. Near 1, every
-    study embeds to the same point and L_align sits at log B whatever the reports say (seen on CPU-sized runs)."""
+    study embeds to the same point and L_align sits at log B whatever the reports say."""
     if u.shape[0] < 2:
         return u.new_tensor(float("nan"))
     z = torch.nn.functional.normalize(u.float(), dim=-1)

@@ -6,8 +6,8 @@
 
 **Why centre.** Sentence encoders are anisotropic: every embedding shares a large common direction, so templated CT
 reports all look alike. all-MiniLM-L6-v2 puts templated CT reports at mean pairwise cosine ~0.78 (docs/method.md §2);
-then the text-affinity targets Y = softmax((S - 1) / tau) are nearly uniform and a CLIP loss on the raw embeddings sat
-at log B in a prototype, while on centred embeddings it learned. Subtracting the corpus mean removes the shared
+then the text-affinity targets Y = softmax((S - 1) / tau) are nearly uniform and a contrastive loss on the raw
+embeddings has almost nothing to separate. Subtracting the corpus mean removes the shared
 direction and leaves what differs between reports. Measured in tests/test_text.py (``templated_ct_reports``: 20
 templated CT reports, 4 of them the same normal report; MiniLM, mean pooling), off-diagonal cosine:
 
