@@ -31,7 +31,12 @@ def test_importing_the_cli_loads_no_torch():
     assert loaded_after("import t3d.cli") == dict.fromkeys(HEAVY, False)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["evaluate", "--help"], ["evaluate", "zeroshot", "--help"]])
+HELP_CALLS = [["--help"], *[[name, "--help"] for name in cli.COMMANDS]]
+HELP_CALLS += [["finetune", "seg", "--help"], ["finetune", "cls", "--help"], ["predict", "seg", "--help"]]
+HELP_CALLS += [["evaluate", "zeroshot", "--help"], ["evaluate", "retrieval", "--help"]]
+
+
+@pytest.mark.parametrize("argv", HELP_CALLS, ids=" ".join)
 def test_help_loads_no_torch(argv):
     assert loaded_after(f"import t3d.cli; t3d.cli.main({argv!r})") == dict.fromkeys(HEAVY, False)
 

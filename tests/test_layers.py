@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"pretrain"},  # the pre-training loop
     {"evaluate"},  # joint-space evaluation: study embeddings, zero-shot, retrieval
     {"finetune"},  # segmentation and classification fine-tuning
-    {"embed", "predict", "export", "demo"},  # commands built on the layers below
+    {"embed", "predict", "export", "demo", "commands"},  # commands built on the layers below, their parsers
     {"cli"},  # the `t3d` entry point (commands are registered by name, imported on use)
     {"__main__"},  # `python -m t3d`
 ]

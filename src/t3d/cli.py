@@ -1,8 +1,9 @@
 """The ``t3d`` command. Each sub-command lives next to what it drives and is registered here by name.
 
-A command module exposes ``add_parser(subparsers)``; the parser it adds carries ``func``: a callable, or a
-``"module:function"`` name imported when the command runs. Only the module of the command being run is imported,
-so ``t3d --help`` (and ``import t3d.cli``) loads no torch, MONAI or transformers. ``main([...])`` is what tests
+Each command is registered by a ``"module:function"`` that adds its parser to ``t3d``'s sub-parsers; the parser
+carries ``func``, the function that runs it, named the same way and imported only when the command runs. Parser
+modules are light and only the parser of the command on the command line is built, so ``t3d --help``,
+``t3d <command> --help`` and ``import t3d.cli`` load no torch, MONAI or transformers. ``main([...])`` is what tests
 call.
 """
 
@@ -17,17 +18,29 @@ from collections.abc import Callable
 from t3d import __version__
 from t3d.configfile import ConfigError
 
-# name -> (module that registers it, one-line help), in the order they appear in `t3d --help`.
+# name -> ("module:function" that adds its parser, one-line help), in the order they appear in `t3d --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("t3d.demo", "run the whole pipeline on a small synthetic dataset (CPU, minutes)"),
-    "synth": ("t3d.data.synthetic.command", "write a synthetic CT + report benchmark (volumes, labels, reports)"),
-    "preprocess": ("t3d.data.preprocess", "read, check, reorient and resample raw studies into the crop cache"),
-    "pretrain": ("t3d.pretrain.main", "pre-train an image encoder on (CT, report) pairs"),
-    "finetune": ("t3d.finetune.command", "fine-tune a pre-trained encoder on a downstream task (seg, cls)"),
-    "predict": ("t3d.predict", "apply a fine-tuned model to new scans (seg)"),
-    "export": ("t3d.export", "export the pre-trained encoder to safetensors (loads into MONAI SwinUNETR / ResNet)"),
-    "evaluate": ("t3d.evaluate.command", "zero-shot classification and image-report retrieval of a checkpoint"),
-    "embed": ("t3d.embed", "export image (and report) embeddings of a manifest from a pre-training checkpoint"),
+    "demo": ("t3d.commands:add_demo", "run the whole pipeline on a small synthetic dataset (CPU, minutes)"),
+    "synth": (
+        "t3d.data.synthetic.command:add_parser",
+        "write a synthetic CT + report benchmark (volumes, labels, reports)",
+    ),
+    "preprocess": ("t3d.data.command:add_parser", "read, check, reorient and resample raw studies into the crop cache"),
+    "pretrain": ("t3d.pretrain.command:add_parser", "pre-train an image encoder on (CT, report) pairs"),
+    "finetune": ("t3d.finetune.command:add_parser", "fine-tune a pre-trained encoder on a downstream task (seg, cls)"),
+    "predict": ("t3d.commands:add_predict", "apply a fine-tuned model to new scans (seg)"),
+    "export": (
+        "t3d.commands:add_export",
+        "export the pre-trained encoder to safetensors (loads into MONAI SwinUNETR / ResNet)",
+    ),
+    "evaluate": (
+        "t3d.evaluate.command:add_parser",
+        "zero-shot classification and image-report retrieval of a checkpoint",
+    ),
+    "embed": (
+        "t3d.commands:add_embed",
+        "export image (and report) embeddings of a manifest from a pre-training checkpoint",
+    ),
 }
 
 
@@ -46,16 +59,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (register, help_text) in COMMANDS.items():
         if name == command:
-            importlib.import_module(module).add_parser(sub)
+            resolve(register)(sub)
         else:
             sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
-def resolve(func: Callable[[argparse.Namespace], int] | str) -> Callable[[argparse.Namespace], int]:
-    """A command's ``func``: the callable itself, or ``"module:function"`` imported now."""
+def resolve(func: Callable | str) -> Callable:
+    """A callable, or the function named ``"module:function"``, imported now."""
     if callable(func):
         return func
     module, _, name = func.partition(":")

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from t3d.configfile import ConfigError, from_dict, load_config, parse_overrides, save_config, to_dict
 
 __all__ = ["ConfigError", "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
+
+QUICKSTART_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+"""The CPU quick-start pre-training config of a source checkout (``t3d demo``'s default)."""
 
 METHODS = (
     "t3d",

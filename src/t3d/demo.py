@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from t3d.config import PretrainConfig, load_config
+from t3d.config import QUICKSTART_CONFIG, PretrainConfig, load_config
 from t3d.data.preprocess import preprocess_manifest
 from t3d.data.synthetic import generate_dataset
 from t3d.data.synthetic.command import format_summary
@@ -23,22 +23,8 @@ from t3d.finetune.config import ClsConfig, SegConfig
 from t3d.finetune.seg import run_seg
 from t3d.pretrain.main import run_pretrain
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the whole pipeline on a small synthetic dataset (CPU, minutes)")
-    p.add_argument("--out", default="demo_out", help="folder for the demo's data, cache and runs")
-    p.add_argument("--num-studies", type=int, default=48, help="synthetic studies to generate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default=str(QUICKSTART), help="pre-training config (default: configs/quickstart.yaml)")
-    p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the config's train.steps)")
-    p.add_argument("--finetune-steps", type=int, default=120, help="segmentation fine-tuning steps per run")
-    p.add_argument("--preset", default="small", help="synthetic preset: tiny (tests), small (default), default")
-    p.set_defaults(func=_command)
-
-
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     run_demo(args.out, args.num_studies, args.seed, args.config, args.steps, args.finetune_steps, args.preset)
     return 0
 
@@ -47,7 +33,7 @@ def run_demo(
     out: str | Path,
     num_studies: int = 48,
     seed: int = 0,
-    config: str | Path = QUICKSTART,
+    config: str | Path = QUICKSTART_CONFIG,
     steps: int | None = None,
     finetune_steps: int = 120,
     preset: str = "small",

@@ -23,22 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from t3d.configfile import add_dataclass_arguments, dataclass_from_args
+from t3d.configfile import dataclass_from_args
 from t3d.evaluate.pipeline import open_run
 from t3d.evaluate.request import StudyRequest
 from t3d.evaluate.studies import cached_ids, report_texts
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "embed",
-        help="export image (and report) embeddings of a manifest from a pre-training checkpoint",
-        description="Embed every study of a manifest (JSONL/CSV, CT-RATE layout too) into .npy files + an id index.",
-    )
-    p.add_argument("--manifest", required=True, help="manifest of the studies (id, image, report/findings/...)")
-    p.add_argument("--root", help="folder the manifest's image paths resolve against (default: its folder)")
-    add_dataclass_arguments(p, StudyRequest, required=("checkpoint", "out"))
-    p.set_defaults(func=command)
 
 
 def command(args: argparse.Namespace) -> int:

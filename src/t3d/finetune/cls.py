@@ -42,26 +42,6 @@ from t3d.metrics import classification_metrics, f1_thresholds
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
-    """Register ``cls`` under ``t3d finetune``."""
-    p = subparsers.add_parser(
-        "cls",
-        help="classify findings: linear probe or fine-tune of a pre-trained encoder",
-        description="Multi-label classification (docs/method.md §6). Any ClsConfig field can be overridden: "
-        "--steps 100.",
-    )
-    p.add_argument("--data", help="findings CSV (CT-RATE multi_abnormality_labels layout: VolumeName + 0/1 columns)")
-    p.add_argument("--init", help="pre-training checkpoint (.pt or run folder), or 'random'")
-    p.add_argument("--probe", action="store_true", help="freeze the encoder: linear probe on cached features")
-    p.add_argument("--fraction", type=float, help="label fraction of the training studies to use (0, 1]")
-    p.add_argument("--images", help="folder the CSV's VolumeName/image entries resolve against")
-    p.add_argument("--splits", help='split file {"finetune": [...], "test": [...]}; default a seeded split')
-    p.add_argument("--out", help="run folder (default runs/cls)")
-    p.add_argument("--seed", type=int, help="seed of splits, label fraction, sampling and bootstrap")
-    p.add_argument("--config", help="YAML ClsConfig; flags and --section.key overrides win over it")
-    p.set_defaults(func=_command, accepts_overrides=True)
-
-
 def config_from_args(args: argparse.Namespace) -> ClsConfig:
     """YAML <- dotted overrides <- the named flags."""
     cfg = load_config(ClsConfig, args.config, list(getattr(args, "overrides", None) or []))
@@ -72,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> ClsConfig:
     return replace(cfg, **flags)
 
 
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     result = run_cls(cfg)
     macro = result["test"]["macro"]["auroc"]
