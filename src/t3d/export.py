@@ -20,6 +20,8 @@ import logging
 import uuid
 from pathlib import Path
 
+from monai.networks.nets import ResNet, SwinUNETR
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from t3d.models.keymap import encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
@@ -36,8 +38,6 @@ def command(args: argparse.Namespace) -> int:
 
 def monai_module(pre: PretrainedEncoder) -> nn.Module:
     """The MONAI module the exported weights are for (``SwinUNETR(...).swinViT`` or ``ResNet``), freshly built."""
-    from monai.networks.nets import ResNet, SwinUNETR
-
     _, kwargs = monai_target(pre)
     if pre.model.encoder == "swinvit":
         return SwinUNETR(out_channels=2, **kwargs).swinViT
@@ -56,8 +56,6 @@ def exported_tensors(pre: PretrainedEncoder) -> dict[str, Tensor]:
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the encoder of ``checkpoint`` to ``out`` (safetensors), after checking it loads strictly into MONAI."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(

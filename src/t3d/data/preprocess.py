@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from t3d.config import ConfigError, PreprocessConfig, PretrainConfig, load_config
@@ -227,8 +228,6 @@ def run_studies(
 
 
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)  # K workers x 1 thread: resampling parallelises over studies, not voxels
 
 
