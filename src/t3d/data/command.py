@@ -9,7 +9,6 @@ from typing import Any
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "preprocess",
-        help="read, check, reorient and resample raw studies into the crop cache",
         description=(
             "Preprocess a manifest (JSONL/CSV, or the CT-RATE reports CSV) into an int16 HU crop cache. "
             "Unchanged studies are skipped; bad ones go to CACHE/quarantine.json. Settings come from the "

@@ -10,7 +10,6 @@ from __future__ import annotations
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune",
-        help="fine-tune a pre-trained encoder on a downstream task (seg, cls)",
         description="Downstream fine-tuning from a pre-training checkpoint, or from random initialisation.",
     )
     tasks = p.add_subparsers(dest="task", metavar="TASK")
