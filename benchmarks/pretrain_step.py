@@ -59,7 +59,6 @@ from t3d.pretrain.model import PretrainModel
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_DEFAULTS = {"encoder": "resnet", "preset": "tiny", "crop": [96], "batch": 2, "sites": 1, "precision": "auto"}
-TAU_TEXT = 0.05  # any tau > 0: Y costs the same for every value (the engine calibrates it once at start-up)
 SENTENCES, TOKENS = 6, 64  # per report, for align=sentence / cross-attention methods
 CHILD_TAG = "T3D_CHILD_RESULT "
 
@@ -167,7 +166,7 @@ def build_step(cfg: PretrainConfig, device: torch.device, text_dim: int, seed: i
     spec, b = method_spec(cfg.method), cfg.train.batch_size
     torch.manual_seed(seed)
     model = PretrainModel(cfg, spec, text_dim=text_dim).to(device)
-    objective = PretrainObjective(cfg.loss, spec, tau_text=TAU_TEXT if spec.soft_targets else None).to(device)
+    objective = PretrainObjective(cfg.loss, spec).to(device)
     optimizer = build_optimizer(model, cfg.train)
     ctx = StepContext(
         model=model,

@@ -47,7 +47,7 @@ def test_every_method_runs_and_writes_a_complete_run_folder(tiny_cache, tmp_path
     rows = read_log(run)
     assert [r["step"] for r in rows] == [1, 2]
     terms = expected_terms(method)
-    assert terms == set(PretrainObjective(cfg.loss, method_spec(method), tau_text=1.0).term_names())
+    assert terms == set(PretrainObjective(cfg.loss, method_spec(method)).term_names())
     for row in rows:
         # view / align / restore are logged exactly when the method uses them: no misleading zeros.
         assert set(row) == terms | BOOKKEEPING, sorted(row)

@@ -196,10 +196,13 @@ class ModelConfig:
 class LossConfig:
     """Loss weights and temperatures (METHOD §4)."""
 
-    tau_text: float = 0.0
-    """Temperature of the text-affinity targets Y = softmax((S - 1) / tau_text); 0 = calibrate from the corpus."""
-    target_self_prob: float = 0.5
-    """When calibrating tau_text: the mean diagonal probability of Y to aim for."""
+    affinity_threshold: float = 0.9
+    """Cosine of the centred frozen report embeddings at or above which two reports are near-duplicates and share
+    target mass; a property of the pair, independent of the batch size. Distinct reports get Y = I."""
+    affinity_alpha: float = 0.2
+    """Share of each row of Y given to the study's near-duplicates (itself included); 0 = hard targets."""
+    tau_text: float = 0.05
+    """Temperature of the softmax over a study's near-duplicates, ``softmax((S - 1) / tau_text)``."""
     tau_view: float = 0.1
     """Temperature of L_view logits."""
     tau_align: float = 0.07
@@ -214,9 +217,23 @@ class LossConfig:
     visible_weight: float = 0.1
     """Weight of the L1 term on visible voxels (masked voxels have weight 1)."""
 
+    RETIRED: typing.ClassVar[dict[str, str]] = {
+        "target_self_prob": "Y is no longer calibrated per batch (a batch-sized self-probability rewards collapse); "
+        "remove loss.target_self_prob and set loss.affinity_threshold (near-duplicate cosine) and "
+        "loss.affinity_alpha (mass they share) instead",
+    }
+    """Keys of older configs that are errors now, with what to set instead (read by ``t3d.configfile``)."""
+
     def __post_init__(self) -> None:
-        if self.tau_text < 0:
-            raise ConfigError(f"loss.tau_text must be >= 0 (0 = calibrate), got {self.tau_text}")
+        if self.tau_text <= 0:
+            raise ConfigError(
+                f"loss.tau_text must be > 0, got {self.tau_text}; 0 used to mean 'calibrate per batch', which is "
+                "gone: set loss.tau_text (e.g. 0.05), loss.affinity_threshold and loss.affinity_alpha"
+            )
+        if not -1 < self.affinity_threshold <= 1:
+            raise ConfigError(f"loss.affinity_threshold is a cosine in (-1, 1], got {self.affinity_threshold}")
+        if not 0 <= self.affinity_alpha < 1:
+            raise ConfigError(f"loss.affinity_alpha must be in [0, 1), got {self.affinity_alpha}")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {self.mask_ratio}")
 
