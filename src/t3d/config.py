@@ -61,6 +61,10 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess.spacing must be positive mm values or 'native', got {self.spacing}")
 
 
+FLIP_AXES = ("AP", "SI")
+"""Axes augmentation may flip (crop axes follow the cache's RAS X, Y, Z = LR, AP, SI)."""
+
+
 @dataclass
 class CropConfig:
     """Crop sampling at target spacing (METHOD §1): K sites per study, two overlapping views per site."""
@@ -77,8 +81,12 @@ class CropConfig:
     """HU threshold that separates body from surrounding air for foreground-biased sampling."""
     windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)
     """HU windows (low, high), one input channel each, mapped to [0, 1] at sampling time."""
+    flip_axes: tuple[str, ...] = ("AP",)
+    """Axes a view may be flipped along (``AP``, ``SI``), the same policy for every method. Never ``LR``: reports
+    name the side, so a left-right flip turns a true report into a false one. ``SI`` is off by default: reports
+    name upper and lower lobes and poles. Empty = no flips."""
     flip_prob: float = 0.5
-    """Per-axis flip probability for each view (independent per view)."""
+    """Flip probability per allowed axis for each view (independent per view)."""
     intensity_scale: float = 0.1
     """Views' intensities are multiplied by 1 + U(-s, s)."""
     intensity_shift: float = 0.1
@@ -101,6 +109,13 @@ class CropConfig:
                 f"crops.intensity_scale must be in [0, 1) and crops.intensity_shift >= 0, "
                 f"got {self.intensity_scale}, {self.intensity_shift}"
             )
+        if "LR" in self.flip_axes:
+            raise ConfigError(
+                "crops.flip_axes must not contain 'LR': reports name the side (left kidney, right lobe), so a "
+                "left-right flip makes the text-aligned terms learn a false report; use 'AP' and/or 'SI'"
+            )
+        for axis in self.flip_axes:
+            _check_choice("crops.flip_axes entry", axis, FLIP_AXES)
         if not self.windows:
             raise ConfigError("crops.windows needs at least one (low, high) HU window")
         for lo, hi in self.windows:
@@ -110,6 +125,11 @@ class CropConfig:
     @property
     def channels(self) -> int:
         return len(self.windows)
+
+    @property
+    def flip_mask(self) -> tuple[bool, bool, bool]:
+        """Per crop axis (X, Y, Z of the RAS cache = LR, AP, SI): may it be flipped."""
+        return tuple(name in self.flip_axes for name in ("LR", "AP", "SI"))
 
 
 @dataclass

@@ -34,7 +34,10 @@ def split_ids(cfg: PretrainConfig) -> list[str] | None:
 def build_dataset(cfg: PretrainConfig, spec: MethodSpec):
     ids = split_ids(cfg)
     if spec.whole_volume:
-        return WholeVolumeDataset(cfg.data.cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids)
+        # The same augmentation policy as the crop methods (crops.flip_axes, intensity jitter).
+        return WholeVolumeDataset(
+            cfg.data.cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids, augment=cfg.crops, seed=cfg.seed
+        )
     return CropDataset(cfg.data.cache, cfg.crops, ids=ids, seed=cfg.seed)
 
 
