@@ -4,7 +4,7 @@
 
 Writes, row i = study ``ids.json[i]``:
 
-    image.npy     float32 (N, E)  joint-space study embedding, unit norm: normalise(mean over grid crops of z)
+    image.npy     float32 (N, E)  joint-space study embedding, unit norm: the model's study_embedding of the grid crops
     features.npy  float32 (N, F)  encoder features (``Encoder.pool``) averaged over the crops: for probes/clustering
     text.npy      float32 (N, E)  report embeddings (checkpoints with a text head; NaN rows for studies without text)
     ids.json, index.csv (row, id, has_text), meta.json (checkpoint, method, step, widths)
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 
 def add_parser(subparsers) -> None:
@@ -79,7 +78,7 @@ def run_embed(
     text_model: str | None = None,
 ) -> dict:
     """Embed the studies of ``manifest``; returns what ``meta.json`` holds."""
-    from t3d.evaluate.joint import encode_studies, load_joint, study_dataset, text_embeddings
+    from t3d.evaluate.joint import encode_studies, load_joint, study_dataset, study_embeddings, text_embeddings
     from t3d.evaluate.studies import cached_ids, prepare_cache, read_split, report_texts
 
     out = Path(out)
@@ -89,16 +88,14 @@ def run_embed(
     prepare_cache(manifest, cache, jm.cfg.preprocess, root=root, workers=workers)
     ids = cached_ids(cache, read_split(splits, split) if splits else None)
     model = jm.model
-    width = model.encoder.embed_channels
 
     def crop_fn(x: torch.Tensor) -> torch.Tensor:
-        h = model.encoder.pool(model.encoder.forward_features(x))  # (K, F)
-        return torch.cat([h, model.image_head(h)], dim=-1)  # (K, F + E)
+        return model.encoder.pool(model.encoder.forward_features(x))  # (K, F)
 
     data = study_dataset(jm.cfg, jm.spec, cache, ids, overlap=overlap, max_crops=max_crops)
     per_study, got = encode_studies(data, crop_fn, jm.device, crop_batch, workers, desc="embed")
-    mean = torch.stack([f.mean(dim=0) for f in per_study])  # (N, F + E)
-    features, image = mean[:, :width], F.normalize(mean[:, width:], dim=-1)
+    features = torch.stack([f.mean(dim=0) for f in per_study])  # (N, F)
+    image = study_embeddings(jm, per_study)  # (N, E): the study embedding pre-training aligned with the reports
     np.save(out / "image.npy", image.numpy().astype(np.float32))
     np.save(out / "features.npy", features.numpy().astype(np.float32))
     files = ["image.npy", "features.npy"]
@@ -124,7 +121,7 @@ def run_embed(
         "step": jm.step,
         "n_studies": len(got),
         "image_dim": int(image.shape[1]),
-        "feature_dim": int(width),
+        "feature_dim": int(features.shape[1]),
         "text": bool(jm.has_joint_space),
         "input": "whole volume" if jm.spec.whole_volume else f"grid crops {list(jm.cfg.crops.size)}, <= {max_crops}",
         "files": files + ["ids.json", "index.csv"],

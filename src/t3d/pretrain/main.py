@@ -87,6 +87,7 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
     model = PretrainModel(cfg, spec, text_dim=text.dim).to(device)
     objective = PretrainObjective(cfg.loss, spec).to(device)
     if dist.is_distributed():
+        model = dist.sync_batch_norm(model, device)
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     core = model.module if hasattr(model, "module") else model
