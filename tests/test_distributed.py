@@ -131,7 +131,8 @@ def compute(data, rows, sent_rows, owner_offset):
         "target": data["target"][voxel_rows],
         "mask": data["mask"][voxel_rows],
     }
-    objective = PretrainObjective(LossConfig(lambda_align=0.5, lambda_tir=2.0, affinity_threshold=0.0, affinity_alpha=0.5), method_spec("t3d"))
+    loss_cfg = LossConfig(lambda_align=0.5, lambda_tir=2.0, affinity_threshold=0.0, affinity_alpha=0.5)
+    objective = PretrainObjective(loss_cfg, method_spec("t3d"))
     losses = {
         "view": (view_loss(leaf["z0"], leaf["z1"], data["y"], 0.1), ["z0", "z1"]),
         "align": (align_loss(leaf["u"], leaf["t"], data["y"], scale), ["u", "t", "scale"]),
