@@ -15,7 +15,6 @@ from t3d.pretrain.engine import StepContext, build_optimizer, build_scheduler, t
 from t3d.pretrain.main import _autocast_dtype
 from t3d.pretrain.model import PretrainModel
 
-TAU_TEXT = 0.05  # any tau > 0: Y costs the same for every value (the engine calibrates it once at start-up)
 SENTENCES, TOKENS = 6, 64  # per report, for align=sentence / cross-attention methods
 
 
@@ -66,7 +65,7 @@ def build_step(cfg: PretrainConfig, device: torch.device, text_dim: int, seed: i
     spec, b = method_spec(cfg.method), cfg.train.batch_size
     torch.manual_seed(seed)
     model = PretrainModel(cfg, spec, text_dim=text_dim).to(device)
-    objective = PretrainObjective(cfg.loss, spec, tau_text=TAU_TEXT if spec.soft_targets else None).to(device)
+    objective = PretrainObjective(cfg.loss, spec).to(device)
     optimizer = build_optimizer(model, cfg.train)
     ctx = StepContext(
         model=model,

@@ -83,6 +83,14 @@ def align_floor(self_prob: float | None, batch: int) -> float:
     return -p * math.log(p) - (1.0 - p) * math.log(q)
 
 
+def run_floor(final: dict, batch: int) -> float:
+    """The floor of a run's L_align: its logged mean row entropy H(Y) (``target_entropy``, exact), else the bound of
+    ``align_floor`` from the logged self-probability (logs written before H(Y) was logged)."""
+    if final.get("target_entropy") is not None:
+        return float(final["target_entropy"])
+    return align_floor(final.get("target_self_prob"), batch)
+
+
 def align_progress(final: float, log_b: float, floor: float) -> float:
     """Share of the way from log B (chance) down to ``floor`` (negative when above chance)."""
     return (log_b - final) / max(log_b - floor, 1e-9)
@@ -93,7 +101,7 @@ def align_share(run: dict) -> float | None:
     fin = run.get("final", {})
     if "align" not in fin:
         return None
-    return align_progress(fin["align"], run["log_b"], align_floor(fin.get("target_self_prob"), run["batch"]))
+    return align_progress(fin["align"], run["log_b"], run_floor(fin, run["batch"]))
 
 
 def precondition_table(pretrain: Sequence[dict]) -> list[str]:
@@ -107,7 +115,7 @@ def precondition_table(pretrain: Sequence[dict]) -> list[str]:
     for r in sorted(pretrain, key=lambda r: (r["method"], r["seed"])):
         fin, curve = r.get("final", {}), r.get("curve", [])
         aligns = [p["align"] for p in curve if p.get("align") is not None]
-        floor = align_floor(fin.get("target_self_prob"), r["batch"])
+        floor = run_floor(fin, r["batch"])
         share = align_share(r)
         met = "n/a" if share is None else ("**yes**" if share >= PRECONDITION_SHARE else "no")
         lines.append(

@@ -50,7 +50,7 @@ def run_pretrain_stage(cfg: PretrainConfig) -> dict:
     summary = run_pretrain(cfg, resume=True)
     run_dir = Path(summary["run_dir"])
     rows = read_jsonl(run_dir / "log.jsonl") if (run_dir / "log.jsonl").is_file() else []
-    keep = ("step", "loss", "view", "align", "restore", "tau_align", "target_self_prob")
+    keep = ("step", "loss", "view", "align", "restore", "tau_align", "target_self_prob", "target_entropy")
     batch = cfg.train.batch_size * dist.world_size()
     final = {k: float(v) for k, v in summary["final"].items() if isinstance(v, int | float)}
     if not final and rows:  # the run had finished before (e.g. pre-trained with torchrun): its last logged window

@@ -47,7 +47,6 @@ def write_checkpoint(run_dir: Path, method: str = "t3d", seed: int = 0) -> Path:
         "config": to_dict(cfg),
         "method": method,
         "text_mean": 0.01 * torch.randn(TEXT_DIM),
-        "tau_text": 0.05,
         "text_model": MINILM_ID,
         "step": 1,
     }

@@ -57,7 +57,7 @@ def expected_terms(method: str) -> set[str]:
     terms |= {"view"} if spec.view else set()
     terms |= {"align", "tau_align"} if spec.align != "none" else set()
     terms |= {"study_cos"} if spec.align == "global" else set()
-    terms |= {"target_self_prob", "tcl"} if spec.contrastive else set()
+    terms |= {"target_self_prob", "target_entropy", "tcl"} if spec.contrastive else set()
     terms |= {"restore"} if spec.restore else set()
     return terms
 

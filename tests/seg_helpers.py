@@ -120,7 +120,6 @@ def write_pretrain_checkpoint(run_dir: Path, encoder: str = "resnet", seed: int 
         "method": "t3d",
         "step": 7,
         "text_mean": torch.zeros(8),
-        "tau_text": 0.1,
         "text_model": "minilm",
     }
     save_checkpoint(ckpt, run_dir, "final")

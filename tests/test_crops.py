@@ -7,9 +7,11 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from t3d.config import ConfigError, CropConfig
+from t3d.config import ConfigError, CropConfig, DataConfig, PretrainConfig
 from t3d.data.cache import AIR_HU, StudyCache, StudyMeta
 from t3d.data.crops import CropDataset, WholeVolumeDataset, read_crop
+from t3d.losses import method_spec
+from t3d.pretrain.data import build_dataset
 
 SIZE = (16, 16, 16)
 
@@ -129,9 +131,12 @@ def test_small_volume_is_padded_with_air(tmp_path):
     for k in range(views.shape[0]):
         for v in range(2):
             torch.testing.assert_close(views[k, v], expected)
-    # Flips move the padding but keep its amount.
-    flipped = CropDataset(root, cfg(windows=((lo, hi),), flip_prob=1.0, intensity_scale=0, intensity_shift=0))[0]
-    torch.testing.assert_close(flipped["views"][0, 0, 0], expected.flip(0, 1, 2))
+    # Flips move the padding but keep its amount; only along the allowed axes (AP by default, SI on request).
+    plain = {"windows": ((lo, hi),), "flip_prob": 1.0, "intensity_scale": 0, "intensity_shift": 0}
+    flipped = CropDataset(root, cfg(**plain))[0]
+    torch.testing.assert_close(flipped["views"][0, 0, 0], expected.flip(1))
+    flipped = CropDataset(root, cfg(**plain, flip_axes=("AP", "SI")))[0]
+    torch.testing.assert_close(flipped["views"][0, 0, 0], expected.flip(1, 2))
 
 
 def test_read_crop_matches_padded_reference():
@@ -237,6 +242,60 @@ def test_labels_follow_the_same_crops_and_flips(tmp_path):
     nolabel = write_cache(tmp_path / "nolabel", {"x": vol})
     with pytest.raises(ValueError, match="label"):
         CropDataset(nolabel, c, with_labels=True)[0]
+
+
+def lateral_gradient_volume(shape=(40, 36, 30)):
+    """HU rising strictly from right to left (along X) and, more slowly, along Y and Z."""
+    x, y, z = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    return (-400 + 20 * x + 3 * y + 2 * z).astype(np.int16)
+
+
+def increasing(a, axis):
+    return bool((np.diff(np.asarray(a), axis=axis) > 0).all())
+
+
+@pytest.mark.parametrize("flip_axes", [("AP",), ("AP", "SI"), ()])
+def test_flips_never_touch_left_right_and_by_default_not_superior_inferior(tmp_path, flip_axes):
+    root = write_cache(tmp_path, {"lat": lateral_gradient_volume()})
+    c = cfg(sites=4, flip_prob=0.9, flip_axes=flip_axes, windows=((-1000.0, 1000.0),))
+    ds = CropDataset(root, c, epoch_length=8)
+    flipped = {1: False, 2: False}
+    for i in range(len(ds)):
+        views = ds[i]["views"][:, :, 0].flatten(0, 1)  # (K*2, D, H, W)
+        for v in views:
+            assert increasing(v, 0)  # left-right order is kept in every view of every item
+            for axis in (1, 2):
+                flipped[axis] |= not increasing(v, axis)
+    assert flipped[1] == ("AP" in flip_axes)
+    assert flipped[2] == ("SI" in flip_axes)
+    assert CropConfig().flip_axes == ("AP",)
+
+
+def test_clip_whole_volume_gets_the_same_augmentation_policy(tmp_path):
+    root = write_cache(tmp_path, {"lat": lateral_gradient_volume(), "b": body_volume()})
+    aug = CropConfig(flip_prob=1.0, flip_axes=("AP",))
+    plain = WholeVolumeDataset(root, grid=(16, 16, 12))[0]["volume"]
+    seen = [WholeVolumeDataset(root, grid=(16, 16, 12), augment=aug, seed=s)[0]["volume"] for s in range(4)]
+    for vol in seen:
+        assert increasing(vol[0], 0) and not increasing(vol[0], 1)  # AP flipped, LR never
+        assert not torch.allclose(vol, plain.flip(2))  # intensity jitter on top of the flip
+        torch.testing.assert_close(vol, plain.flip(2), atol=0.25, rtol=0)
+    assert not torch.allclose(seen[0], seen[1])  # draws differ per seed (and epoch)
+    ds = WholeVolumeDataset(root, grid=(16, 16, 12), augment=aug)
+    first = ds[0]["volume"]
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[0]["volume"])
+    assert torch.equal(WholeVolumeDataset(root, grid=(16, 16, 12))[0]["volume"], plain)  # evaluation: no draws
+    pre = PretrainConfig(method="clip", seed=3, data=DataConfig(cache=str(root)))
+    ds = build_dataset(pre, method_spec("clip"))  # what `t3d pretrain` trains clip on
+    assert isinstance(ds, WholeVolumeDataset) and ds.augment is pre.crops and ds.seed == 3
+
+
+def test_crop_config_rejects_left_right_flips():
+    with pytest.raises(ConfigError, match="LR.*side"):
+        CropConfig(flip_axes=("LR",))
+    with pytest.raises(ConfigError, match="flip_axes"):
+        CropConfig(flip_axes=("XY",))
 
 
 def test_crop_config_rejects_bad_augmentation():

@@ -98,7 +98,7 @@ def make_inputs():
     return {
         "z0": unit(B, K, E),
         "z1": unit(B, K, E),
-        "y": text_affinity_targets(unit(B, 8), 0.2),
+        "y": text_affinity_targets(unit(B, 8), -0.99, 0.5, 0.2),  # every pair shares mass: a dense soft Y
         "u": unit(B, E),
         "t": unit(B, E),
         "crops": unit(B, M, E),
@@ -131,7 +131,8 @@ def compute(data, rows, sent_rows, owner_offset):
         "target": data["target"][voxel_rows],
         "mask": data["mask"][voxel_rows],
     }
-    objective = PretrainObjective(LossConfig(lambda_align=0.5, lambda_tir=2.0), method_spec("t3d"), tau_text=0.1)
+    loss_cfg = LossConfig(lambda_align=0.5, lambda_tir=2.0, affinity_threshold=0.0, affinity_alpha=0.5)
+    objective = PretrainObjective(loss_cfg, method_spec("t3d"))
     losses = {
         "view": (view_loss(leaf["z0"], leaf["z1"], data["y"], 0.1), ["z0", "z1"]),
         "align": (align_loss(leaf["u"], leaf["t"], data["y"], scale), ["u", "t", "scale"]),

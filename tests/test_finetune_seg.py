@@ -70,7 +70,7 @@ def test_patches_are_deterministic_and_find_the_small_lesion(dataset, shared_cac
     cache = StudyCache(shared_cache)
     ds = PatchDataset(cache, list(keys.values()), cfg.windows, CROP, pos_fraction=1.0, flip_prob=0.5, length=20)
     item = ds[3]
-    assert item["image"].shape == (1, *CROP) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (len(cfg.windows), *CROP) and item["image"].dtype == torch.float32
     assert item["label"].shape == (1, *CROP) and item["label"].dtype == torch.int64
     assert torch.equal(ds[3]["image"], item["image"]) and torch.equal(ds[3]["label"], item["label"])
     # Class-balanced centring: the lesion (a few dozen voxels) is in about half of the patches.

@@ -6,18 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from t3d.config import METHODS, LossConfig
+from t3d.config import METHODS, ConfigError, LossConfig, PretrainConfig, from_dict
 from t3d.losses import (
     PretrainObjective,
     align_loss,
-    calibrate_tau_text,
     corrupt,
     hard_targets,
     method_spec,
+    near_duplicate_share,
     random_cube_mask,
     restoration_loss,
     sentence_align_loss,
     soft_cross_entropy,
+    target_entropy,
     target_self_prob,
     text_affinity_targets,
     view_loss,
@@ -60,11 +61,14 @@ def naive_symmetric(a, b, y, scale):
     return 0.5 * (naive_soft_ce(naive_logits(a, b, scale), y) + naive_soft_ce(naive_logits(b, a, scale), y))
 
 
-def naive_affinity(s, tau):
+def naive_affinity(s, threshold, alpha, tau):
     y = []
     for i in range(len(s)):
-        w = [math.exp((dot(s[i], s[j]) - 1.0) / tau) for j in range(len(s))]
-        y.append([v / sum(w) for v in w])
+        w = [
+            math.exp((dot(s[i], s[j]) - 1.0) / tau) if dot(s[i], s[j]) >= threshold or i == j else 0.0
+            for j in range(len(s))
+        ]
+        y.append([(1 - alpha) * (i == j) + alpha * v / sum(w) for j, v in enumerate(w)])
     return torch.tensor(y, dtype=DT)
 
 
@@ -93,47 +97,63 @@ def test_soft_cross_entropy_matches_loop_and_hard_targets_give_cross_entropy():
         soft_cross_entropy(logits, targets[:3])
 
 
+def near_copy(v, cos, seed):
+    """A unit vector at cosine ``cos`` from the unit vector ``v``."""
+    w = unit(len(v), seed=seed)
+    w = F.normalize(w - (w @ v) * v, dim=0)
+    return cos * v + math.sqrt(1 - cos**2) * w
+
+
 def test_text_affinity_targets_match_loop_and_carry_no_gradient():
-    s = unit(5, 7, seed=2).requires_grad_()
-    y = text_affinity_targets(s, 0.3)
-    torch.testing.assert_close(y, naive_affinity(s.detach(), 0.3))
+    s = unit(6, 7, seed=2)
+    s[3] = near_copy(s[0], 0.95, seed=40)
+    s[5] = near_copy(s[0], 0.93, seed=41)
+    s.requires_grad_()
+    y = text_affinity_targets(s, 0.9, 0.3, 0.05)
+    torch.testing.assert_close(y, naive_affinity(s.detach(), 0.9, 0.3, 0.05))
     assert not y.requires_grad
-    torch.testing.assert_close(y.sum(dim=1), torch.ones(5, dtype=DT))
+    torch.testing.assert_close(y.sum(dim=1), torch.ones(6, dtype=DT))
+    assert y[0, 3] > 0 and y[0, 5] > 0 and y[0, 1] == 0
     assert target_self_prob(y).item() == pytest.approx(float(y.diagonal().mean()))
     assert target_self_prob(hard_targets(4)).item() == 1.0
     with pytest.raises(ValueError, match="tau_text must be > 0"):
-        text_affinity_targets(s, 0.0)
+        text_affinity_targets(s, 0.9, 0.3, 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        text_affinity_targets(s, 0.9, 1.0, 0.05)
 
 
-def test_small_tau_gives_identity_and_identical_reports_share_mass():
+@pytest.mark.parametrize("batch", [4, 64])
+def test_distinct_reports_give_identity_targets_at_any_batch_size(batch):
+    """Reports that say different things share no mass, however small or large the batch (no per-batch scale)."""
+    raw = F.normalize(3.0 + torch.randn(batch, 64, generator=torch.Generator().manual_seed(batch), dtype=DT), dim=1)
+    s = F.normalize(raw - raw.mean(0), dim=1)  # centred like the frozen report features
+    cfg = LossConfig()
+    assert (s @ s.T - 2 * torch.eye(batch, dtype=DT)).max() < cfg.affinity_threshold
+    y = text_affinity_targets(s, cfg.affinity_threshold, cfg.affinity_alpha, cfg.tau_text)
+    torch.testing.assert_close(y, torch.eye(batch, dtype=DT))
+    assert target_entropy(y).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_identical_reports_share_mass_and_entropy_is_the_floor():
     s = unit(6, 8, seed=3)
-    torch.testing.assert_close(text_affinity_targets(s, 1e-4), torch.eye(6, dtype=DT))
     s[4] = s[1]  # two studies with the same report ("no acute findings")
-    y = text_affinity_targets(s, 1e-4)
-    for row in (1, 4):
-        assert y[row, 1].item() == pytest.approx(0.5) and y[row, 4].item() == pytest.approx(0.5)
+    y = text_affinity_targets(s, 0.9, 0.2, 0.05)
+    for row, other in ((1, 4), (4, 1)):
+        assert y[row, row].item() == pytest.approx(0.9) and y[row, other].item() == pytest.approx(0.1)
     torch.testing.assert_close(y[0], torch.eye(6, dtype=DT)[0])
+    entropy = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) * 2 / 6
+    assert target_entropy(y).item() == pytest.approx(entropy)
+    # soft CE against Y is never below H(Y), and reaches it where the predicted rows equal Y
+    assert soft_cross_entropy(torch.log(y + 1e-12), y).item() == pytest.approx(entropy, abs=1e-9)
+    assert soft_cross_entropy(torch.randn(6, 6, dtype=DT), y).item() > entropy
+    assert near_duplicate_share(s, 0.9) == pytest.approx(2 / 30)
 
 
-def test_calibrate_tau_text_hits_target_self_prob():
-    # Anisotropic like a frozen sentence encoder: a shared direction puts every pair at high cosine.
-    g = torch.Generator().manual_seed(4)
-    raw = F.normalize(3.0 + torch.randn(64, 16, generator=g), dim=1)
-    s = F.normalize(raw - raw.mean(0), dim=1)
-    for target in (0.3, 0.5, 0.8):
-        tau = calibrate_tau_text(s, target_self_prob=target)
-        assert target_self_prob(text_affinity_targets(s, tau)).item() == pytest.approx(target, abs=1e-4)
-    # Smaller batches share mass among fewer studies, so the same target needs a larger tau.
-    tau_b8 = calibrate_tau_text(s, 0.5, batch_size=8)
-    assert tau_b8 > calibrate_tau_text(s, 0.5)
-    probs = [target_self_prob(text_affinity_targets(s[i : i + 8], tau_b8)).item() for i in range(0, 64, 8)]
-    assert sum(probs) / len(probs) == pytest.approx(0.5, abs=0.05)
-
-
-def test_calibrate_tau_text_clamps_when_duplicates_cap_the_diagonal():
-    s = unit(4, 8, seed=5)
-    s = torch.cat([s, s]).float()  # every report twice: the diagonal cannot exceed 0.5
-    assert calibrate_tau_text(s, target_self_prob=0.8, lo=1e-3) == 1e-3
+def test_retired_target_self_prob_is_a_config_error_naming_the_new_keys():
+    with pytest.raises(ConfigError, match="affinity_threshold.*affinity_alpha"):
+        from_dict(PretrainConfig, {"loss": {"target_self_prob": 0.5}})
+    with pytest.raises(ConfigError, match="tau_text must be > 0"):
+        LossConfig(tau_text=0.0)
 
 
 # ----------------------------------------------------------------------------------------------- contrastive
@@ -156,9 +176,9 @@ def test_align_loss_matches_loop_and_scale_gets_a_gradient():
     assert scale.grad is not None and scale.grad.abs().item() > 0
 
 
-def test_tiny_tau_text_reduces_to_infonce_and_clip():
+def test_distinct_report_targets_reduce_to_infonce_and_clip():
     s = unit(6, 8, seed=14)
-    y = text_affinity_targets(s, 1e-4)
+    y = text_affinity_targets(s, 0.9, 0.2, 0.05)
     z0, z1 = unit(6, 4, seed=15), unit(6, 4, seed=16)
     labels = torch.arange(6)
     infonce = 0.5 * (F.cross_entropy(z0 @ z1.T / 0.1, labels) + F.cross_entropy(z1 @ z0.T / 0.1, labels))
@@ -168,17 +188,18 @@ def test_tiny_tau_text_reduces_to_infonce_and_clip():
     torch.testing.assert_close(align_loss(z0, z1, hard_targets(6).to(DT), 20.0), clip)
 
 
-def test_soft_targets_do_not_punish_matching_a_same_report_study():
-    """Two studies with identical reports: soft targets make their cross-match as good as the self-match."""
+def test_soft_targets_punish_matching_a_same_report_study_less():
+    """Two studies with identical reports: confusing them costs less under soft targets than under hard ones."""
     s = unit(4, 8, seed=17)
     s[2] = s[0]
-    y = text_affinity_targets(s, 1e-4)
+    y = text_affinity_targets(s, 0.9, 0.5, 0.05)
     z = unit(4, 4, seed=18)
     swapped = z.clone()
     swapped[[0, 2]] = z[[2, 0]]  # view 1 of study 0 looks like study 2 and vice versa
-    assert view_loss(z, swapped, y, 0.1).item() == pytest.approx(view_loss(z, z, y, 0.1).item(), rel=1e-9)
     hard = hard_targets(4).to(DT)
-    assert view_loss(z, swapped, hard, 0.1).item() > view_loss(z, z, hard, 0.1).item() + 0.5
+    soft_cost = view_loss(z, swapped, y, 0.1).item() - view_loss(z, z, y, 0.1).item()
+    hard_cost = view_loss(z, swapped, hard, 0.1).item() - view_loss(z, z, hard, 0.1).item()
+    assert hard_cost > 0.5 and soft_cost < 0.6 * hard_cost
 
 
 def test_sentence_align_loss_matches_loop():
@@ -286,7 +307,7 @@ def model_outputs(b=4, k=2, e=6, seed=30):
         "crop_emb": crop,
         "study_emb": F.normalize(crop.mean(dim=(1, 2)), dim=-1),
         "text_emb": unit(b, e, seed=seed + 1),
-        "frozen_text": unit(b, 10, seed=seed + 2),
+        "frozen_text": unit(b, 10, seed=seed + 2)[[0, 1, 0, 3]],  # studies 0 and 2: same report, so Y != I
         "sent_emb": unit(7, e, seed=seed + 3),
         "sent_owner": torch.tensor([0, 1, 1, 2, 3, 3, 3]),
         "logit_scale": torch.tensor(12.0, dtype=DT),
@@ -315,14 +336,14 @@ def test_objective_terms_and_weighting(method):
     cfg = LossConfig(lambda_tcl=0.7, lambda_align=0.3, lambda_tir=2.0, tau_view=0.2, visible_weight=0.1)
     spec = method_spec(method)
     out = model_outputs()
-    terms = PretrainObjective(cfg, spec, tau_text=0.05)(out)
-    diagnostics = ({"target_self_prob"} if spec.contrastive else set()) | (
+    terms = PretrainObjective(cfg, spec)(out)
+    diagnostics = ({"target_self_prob", "target_entropy"} if spec.contrastive else set()) | (
         {"tau_align"} if spec.align != "none" else set()
     )
     diagnostics |= {"study_cos"} if spec.align == "global" else set()
     assert set(terms) == EXPECTED_KEYS[method] | {"loss"} | diagnostics
-    assert list(terms) == PretrainObjective(cfg, spec, tau_text=0.05).term_names()
-    y = text_affinity_targets(out["frozen_text"], 0.05) if spec.soft_targets else hard_targets(4).to(DT)
+    assert list(terms) == PretrainObjective(cfg, spec).term_names()
+    y = text_affinity_targets(out["frozen_text"], 0.9, 0.2, 0.05) if spec.soft_targets else hard_targets(4).to(DT)
     z = out["crop_emb"]
     manual = {"view": view_loss(z[:, :, 0], z[:, :, 1], y, 0.2)}
     if spec.align == "sentence":
@@ -341,13 +362,12 @@ def test_objective_terms_and_weighting(method):
         assert terms["study_cos"].item() == pytest.approx(((u @ u.T).sum() - 4).item() / 12, rel=1e-5)
     if spec.contrastive:
         assert terms["target_self_prob"].item() == pytest.approx(target_self_prob(y).item())
+        assert terms["target_entropy"].item() == pytest.approx(target_entropy(y).item())
     terms["loss"].backward()
 
 
-def test_objective_needs_tau_text_and_names_missing_outputs():
-    with pytest.raises(ValueError, match="tau_text"):
-        PretrainObjective(LossConfig(), method_spec("t3d"), tau_text=None)
-    objective = PretrainObjective(LossConfig(), method_spec("t3d-sentence"), tau_text=0.1)
+def test_objective_names_missing_outputs():
+    objective = PretrainObjective(LossConfig(), method_spec("t3d-sentence"))
     out = model_outputs()
     del out["sent_owner"]
     with pytest.raises(KeyError, match="sent_owner"):
@@ -360,7 +380,7 @@ def test_objective_needs_tau_text_and_names_missing_outputs():
 
 def test_objective_is_computed_in_float32_under_bf16_autocast():
     out = {k: (v.float() if v.is_floating_point() else v) for k, v in model_outputs().items()}
-    objective = PretrainObjective(LossConfig(), method_spec("t3d-sentence"), tau_text=0.05)
+    objective = PretrainObjective(LossConfig(), method_spec("t3d-sentence"))
     plain = objective(out)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         autocast = objective(out)

@@ -337,7 +337,10 @@ def test_decoder_grad_checkpointing_changes_nothing():
             f.grad = None
         out = dec(feats, cond=cond)
         out.square().mean().backward()
-        grads = [f.grad.clone() for f in feats] + [p.grad.clone() for p in dec.parameters() if p.grad is not None]
+        # Levels finer than the decoder's finest skip are not read (no gradient), the others are.
+        assert [f.grad is not None for f in feats] == [i >= dec.finest_skip for i in range(len(feats))]
+        grads = [f.grad.clone() for f in feats if f.grad is not None]
+        grads += [p.grad.clone() for p in dec.parameters() if p.grad is not None]
         results.append((out.detach(), grads, len(calls)))
     (out0, grads0, calls0), (out1, grads1, calls1) = results
     assert (calls0, calls1) == (1, 2)

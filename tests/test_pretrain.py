@@ -47,7 +47,7 @@ def test_every_method_runs_and_writes_a_complete_run_folder(tiny_cache, tmp_path
     rows = read_log(run)
     assert [r["step"] for r in rows] == [1, 2]
     terms = expected_terms(method)
-    assert terms == set(PretrainObjective(cfg.loss, method_spec(method), tau_text=1.0).term_names())
+    assert terms == set(PretrainObjective(cfg.loss, method_spec(method)).term_names())
     for row in rows:
         # view / align / restore are logged exactly when the method uses them: no misleading zeros.
         assert set(row) == terms | BOOKKEEPING, sorted(row)
@@ -126,7 +126,10 @@ def wait_for_checkpoint(proc: subprocess.Popen, run: Path, min_step: int, timeou
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
     steps = 8
     # 12 studies, batch 2: 6 batches per epoch, so the kill falls mid-epoch and the resumed run crosses epochs.
+    # Two sites: the ResNet's BatchNorm sees 4 clean crops per call (2 would make it ill-conditioned, so that rounding
+    # noise at the ulp level, e.g. from memory alignment, changes the gradients and no two runs compare exactly).
     extra = {"train.batch_size": 2, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "train.warmup_steps": 3}
+    extra["crops.sites"] = 2
     reference = tmp_path / "reference"
     assert cli_main(pretrain_args(tiny_cache.cache, reference, "t3d", steps=steps, **extra)) == 0
 

@@ -196,6 +196,13 @@ def test_tables_render_cells_missing_values_and_precondition():
     assert "| no |" in transfer_report.precondition_table(pre)[2]
 
 
+def test_run_floor_prefers_the_logged_target_entropy():
+    assert transfer_report.run_floor({"target_entropy": 0.12, "target_self_prob": 0.5}, 4) == pytest.approx(0.12)
+    assert transfer_report.run_floor({"target_self_prob": 0.5}, 4) == pytest.approx(transfer_report.align_floor(0.5, 4))
+    run = {"final": {"align": 0.7, "target_entropy": 0.2}, "log_b": math.log(4), "batch": 4}
+    assert transfer_report.align_share(run) == pytest.approx((math.log(4) - 0.7) / (math.log(4) - 0.2))
+
+
 def test_align_floor_is_the_entropy_of_an_evenly_spread_row():
     assert transfer_report.align_floor(None, 4) == 0.0 and transfer_report.align_floor(1.0, 8) == 0.0
     assert transfer_report.align_floor(0.25, 4) == pytest.approx(math.log(4))  # uniform row: the floor is chance itself

@@ -65,6 +65,15 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess.spacing must be positive mm values or 'native', got {self.spacing}")
 
 
+DEFAULT_WINDOWS = ((-1000.0, 1000.0), (-160.0, 240.0))
+"""Input channels of every method: a wide window (air, lung, fat, soft tissue, bone) and a soft-tissue window.
+In the wide window alone a lesion 30-60 HU from its organ is a step of 0.015-0.03, below the typical restoration
+error; in the soft-tissue window (400 HU wide) it is 0.08-0.15, so restoring it is worth the decoder's while."""
+
+FLIP_AXES = ("AP", "SI")
+"""Axes augmentation may flip (crop axes follow the cache's RAS X, Y, Z = LR, AP, SI)."""
+
+
 @dataclass
 class CropConfig:
     """Crop sampling at target spacing (docs/method.md §1): K sites per study, two overlapping views per site."""
@@ -79,10 +88,15 @@ class CropConfig:
     """Probability that a site is centred on a body voxel (HU > ``foreground_hu``) rather than uniformly."""
     foreground_hu: float = -500.0
     """HU threshold that separates body from surrounding air for foreground-biased sampling."""
-    windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)
-    """HU windows (low, high), one input channel each, mapped to [0, 1] at sampling time."""
+    windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
+    """HU windows (low, high), one input channel each, mapped to [0, 1] at sampling time (default: wide + soft
+    tissue, see ``DEFAULT_WINDOWS``)."""
+    flip_axes: tuple[str, ...] = ("AP",)
+    """Axes a view may be flipped along (``AP``, ``SI``), the same policy for every method. Never ``LR``: reports
+    name the side, so a left-right flip turns a true report into a false one. ``SI`` is off by default: reports
+    name upper and lower lobes and poles. Empty = no flips."""
     flip_prob: float = 0.5
-    """Per-axis flip probability for each view (independent per view)."""
+    """Flip probability per allowed axis for each view (independent per view)."""
     intensity_scale: float = 0.1
     """Views' intensities are multiplied by 1 + U(-s, s)."""
     intensity_shift: float = 0.1
@@ -105,6 +119,13 @@ class CropConfig:
                 f"crops.intensity_scale must be in [0, 1) and crops.intensity_shift >= 0, "
                 f"got {self.intensity_scale}, {self.intensity_shift}"
             )
+        if "LR" in self.flip_axes:
+            raise ConfigError(
+                "crops.flip_axes must not contain 'LR': reports name the side (left kidney, right lobe), so a "
+                "left-right flip makes the text-aligned terms learn a false report; use 'AP' and/or 'SI'"
+            )
+        for axis in self.flip_axes:
+            _check_choice("crops.flip_axes entry", axis, FLIP_AXES)
         if not self.windows:
             raise ConfigError("crops.windows needs at least one (low, high) HU window")
         for lo, hi in self.windows:
@@ -114,6 +135,11 @@ class CropConfig:
     @property
     def channels(self) -> int:
         return len(self.windows)
+
+    @property
+    def flip_mask(self) -> tuple[bool, bool, bool]:
+        """Per crop axis (X, Y, Z of the RAS cache = LR, AP, SI): may it be flipped."""
+        return tuple(name in self.flip_axes for name in ("LR", "AP", "SI"))
 
 
 @dataclass
@@ -189,21 +215,32 @@ class ModelConfig:
     """Recompute encoder activations in backward to save memory."""
     conditioning: str = "film"
     """Restoration decoder conditioning on the report: ``film``, ``cross_attention`` or ``none``."""
+    decoder_finest_skip: int = 2
+    """Finest encoder level the restoration decoder fuses as a skip: 0 = the corrupted input itself (SwinUNETR),
+    1 = stride 2, 2 = stride 4 (default). Finer skips let the decoder inpaint hidden cubes from the visible voxels
+    around them without the encoder's features or the report."""
 
     def __post_init__(self) -> None:
         _check_choice("model.encoder", self.encoder, ("swinvit", "resnet"))
         _check_choice(f"model.preset (for model.encoder={self.encoder})", self.preset, ENCODER_PRESETS[self.encoder])
         _check_choice("model.conditioning", self.conditioning, ("film", "cross_attention", "none"))
+        if not 0 <= self.decoder_finest_skip <= 5:
+            raise ConfigError(
+                f"model.decoder_finest_skip must be an encoder level in [0, 5], got {self.decoder_finest_skip}"
+            )
 
 
 @dataclass
 class LossConfig:
     """Loss weights and temperatures (docs/method.md §4)."""
 
-    tau_text: float = 0.0
-    """Temperature of the text-affinity targets Y = softmax((S - 1) / tau_text); 0 = calibrate from the corpus."""
-    target_self_prob: float = 0.5
-    """When calibrating tau_text: the mean diagonal probability of Y to aim for."""
+    affinity_threshold: float = 0.9
+    """Cosine of the centred frozen report embeddings at or above which two reports are near-duplicates and share
+    target mass; a property of the pair, independent of the batch size. Distinct reports get Y = I."""
+    affinity_alpha: float = 0.2
+    """Share of each row of Y given to the study's near-duplicates (itself included); 0 = hard targets."""
+    tau_text: float = 0.05
+    """Temperature of the softmax over a study's near-duplicates, ``softmax((S - 1) / tau_text)``."""
     tau_view: float = 0.1
     """Temperature of L_view logits."""
     tau_align: float = 0.07
@@ -213,14 +250,31 @@ class LossConfig:
     lambda_tir: float = 1.0
     mask_ratio: float = 0.5
     """Fraction of each crop hidden by random cubes for restoration."""
-    mask_block: int = 8
-    """Edge of the masking cubes in voxels."""
+    mask_block: int = 16
+    """Edge of the masking cubes in voxels at target spacing, at lesion scale: a cube should hide a whole lesion of
+    the size reports describe (mostly 5-30 mm), so that restoring it needs the report rather than the lesion's
+    visible rim. 16 voxels at the default 0.8 mm spacing = 12.8 mm in-plane, 24 mm along z; the CPU quickstart's
+    2.5 mm voxels take 8 (20 mm)."""
     visible_weight: float = 0.1
     """Weight of the L1 term on visible voxels (masked voxels have weight 1)."""
 
+    RETIRED: typing.ClassVar[dict[str, str]] = {
+        "target_self_prob": "Y is no longer calibrated per batch (a batch-sized self-probability rewards collapse); "
+        "remove loss.target_self_prob and set loss.affinity_threshold (near-duplicate cosine) and "
+        "loss.affinity_alpha (mass they share) instead",
+    }
+    """Keys of older configs that are errors now, with what to set instead (read by ``t3d.configfile``)."""
+
     def __post_init__(self) -> None:
-        if self.tau_text < 0:
-            raise ConfigError(f"loss.tau_text must be >= 0 (0 = calibrate), got {self.tau_text}")
+        if self.tau_text <= 0:
+            raise ConfigError(
+                f"loss.tau_text must be > 0, got {self.tau_text}; 0 used to mean 'calibrate per batch', which is "
+                "gone: set loss.tau_text (e.g. 0.05), loss.affinity_threshold and loss.affinity_alpha"
+            )
+        if not -1 < self.affinity_threshold <= 1:
+            raise ConfigError(f"loss.affinity_threshold is a cosine in (-1, 1], got {self.affinity_threshold}")
+        if not 0 <= self.affinity_alpha < 1:
+            raise ConfigError(f"loss.affinity_alpha must be in [0, 1), got {self.affinity_alpha}")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {self.mask_ratio}")
 

@@ -111,6 +111,9 @@ def _build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else key
+        retired = getattr(cls, "RETIRED", {})
+        if key in retired:
+            raise ConfigError(f"config key '{dotted}' is retired: {retired[key]}")
         if key not in names:
             where = f"in '{prefix}'" if prefix else "at the top level"
             raise ConfigError(f"unknown config key '{dotted}'; valid keys {where}: {', '.join(names)}")

@@ -231,6 +231,21 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[r * b : (r + 1) * b]
 
 
+def sync_batch_norm(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` with every BatchNorm layer replaced by ``SyncBatchNorm`` under DDP on an accelerator, so that batch
+    statistics are those of the global batch (what one process on the whole batch would compute) rather than of
+    each rank's few crops. Unchanged in one process; on CPU (gloo) too, where SyncBatchNorm does not run: a warning
+    says the statistics stay per rank. Call before wrapping the model in ``DistributedDataParallel``."""
+    batch_norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    has_bn = any(isinstance(m, batch_norms) for m in model.modules())
+    if not is_distributed() or not has_bn:
+        return model
+    if device.type == "cpu":
+        log.warning("BatchNorm statistics stay per rank: SyncBatchNorm needs an accelerator (running on CPU)")
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) on each rank -> (world * B, ...), rank order, differentiable; identity in one process.
 

@@ -4,7 +4,7 @@
 
 Writes, row i = study ``ids.json[i]``:
 
-    image.npy     float32 (N, E)  joint-space study embedding, unit norm: normalise(mean over grid crops of z)
+    image.npy     float32 (N, E)  joint-space study embedding, unit norm: the model's study_embedding of the grid crops
     features.npy  float32 (N, F)  encoder features (``Encoder.pool``) averaged over the crops: for probes/clustering
     text.npy      float32 (N, E)  report embeddings (checkpoints with a text head; NaN rows for studies without text)
     ids.json, index.csv (row, id, has_text), meta.json (checkpoint, method, step, widths)
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from t3d.configfile import dataclass_from_args
+from t3d.evaluate.joint import study_embeddings
 from t3d.evaluate.pipeline import open_run
 from t3d.evaluate.request import StudyRequest
 from t3d.evaluate.studies import cached_ids, report_texts
@@ -43,15 +43,13 @@ def run_embed(request: StudyRequest, manifest: str | Path, root: str | Path | No
     ids = cached_ids(run.cache, run.wanted())
     jm, out, cache = run.jm, run.out, run.cache
     model = jm.model
-    width = model.encoder.embed_channels
 
     def crop_fn(x: torch.Tensor) -> torch.Tensor:
-        h = model.encoder.pool(model.encoder.forward_features(x))  # (K, F)
-        return torch.cat([h, model.image_head(h)], dim=-1)  # (K, F + E)
+        return model.encoder.pool(model.encoder.forward_features(x))  # (K, F)
 
     per_study, got = run.encode(ids, crop_fn, desc="embed")
-    mean = torch.stack([f.mean(dim=0) for f in per_study])  # (N, F + E)
-    features, image = mean[:, :width], F.normalize(mean[:, width:], dim=-1)
+    features = torch.stack([f.mean(dim=0) for f in per_study])  # (N, F)
+    image = study_embeddings(jm, per_study)  # (N, E): the study embedding pre-training aligned with the reports
     np.save(out / "image.npy", image.numpy().astype(np.float32))
     np.save(out / "features.npy", features.numpy().astype(np.float32))
     files = ["image.npy", "features.npy"]
@@ -77,7 +75,7 @@ def run_embed(request: StudyRequest, manifest: str | Path, root: str | Path | No
         "step": jm.step,
         "n_studies": len(got),
         "image_dim": int(image.shape[1]),
-        "feature_dim": int(width),
+        "feature_dim": int(features.shape[1]),
         "text": bool(jm.has_joint_space),
         "input": "whole volume"
         if jm.spec.whole_volume

@@ -129,6 +129,21 @@ def centre_bounds(shape: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray
     return lo, hi
 
 
+def draw_augmentation(
+    rng: np.random.Generator, cfg: CropConfig, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The augmentation policy of every method (crops and the ``clip`` whole volume alike), per view of ``shape``:
+    flips bool (*shape, 3) only along ``cfg.flip_axes`` (never left-right), intensity scale (*shape) in
+    1 ± ``intensity_scale`` and shift (*shape) in ± ``intensity_shift``; the identity if not ``cfg.augment``.
+    Every draw has a fixed size, so the stream does not depend on the flags."""
+    flips = (rng.random((*shape, 3)) < cfg.flip_prob) & np.asarray(cfg.flip_mask)
+    scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, size=shape)
+    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, size=shape)
+    if not cfg.augment:
+        return np.zeros_like(flips), np.ones_like(scale), np.zeros_like(shift)
+    return flips, scale, shift
+
+
 class CropDataset(Dataset):
     """K crop sites x 2 overlapping, independently augmented views per cached study (docs/method.md §1).
 
@@ -250,13 +265,7 @@ class CropDataset(Dataset):
 
     def draw_augmentation(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-view flips bool (K, 2, 3), intensity scale (K, 2) and shift (K, 2); identity if not ``augment``."""
-        cfg, k = self.cfg, self.cfg.sites
-        flips = rng.random((k, 2, 3)) < cfg.flip_prob
-        scale = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale, size=(k, 2))
-        shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, size=(k, 2))
-        if not cfg.augment:
-            return np.zeros_like(flips), np.ones_like(scale), np.zeros_like(shift)
-        return flips, scale, shift
+        return draw_augmentation(rng, self.cfg, (self.cfg.sites, 2))
 
     def _labels(self, key: str, study_id: str, starts: np.ndarray, flips: np.ndarray) -> np.ndarray:
         label = self.cache.label(key)
@@ -297,6 +306,9 @@ class WholeVolumeDataset(Dataset):
 
     Item: ``{"volume": float32 (C, gx, gy, gz) in [0, 1], "index": int (row of index.jsonl), "id": str}``.
     Windowing happens before resizing, so averaging mixes the intensities the network would see.
+
+    ``augment``: the crops' augmentation policy (``draw_augmentation``: the same flips and intensity jitter as every
+    other method) drawn per item from ``SeedSequence([seed, epoch, index])``; None (evaluation) = deterministic.
     """
 
     def __init__(
@@ -305,6 +317,8 @@ class WholeVolumeDataset(Dataset):
         grid: Sequence[int] = (64, 64, 48),
         windows: Sequence[Window] = CropConfig().windows,
         ids: Sequence[str] | None = None,
+        augment: CropConfig | None = None,
+        seed: int = 0,
     ):
         if len(grid) != 3 or any(int(g) < 1 for g in grid):
             raise ValueError(f"grid must be three positive sizes in voxels, got {grid}")
@@ -314,17 +328,26 @@ class WholeVolumeDataset(Dataset):
         self.grid = tuple(int(g) for g in grid)
         self.windows = tuple((float(lo), float(hi)) for lo, hi in windows)
         self.studies = select_studies(self.cache, ids)
+        self.augment, self.seed = augment, int(seed)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.studies)
 
     def set_epoch(self, epoch: int) -> None:
-        """No random draws here; present so training loops treat both datasets alike."""
+        """Change the augmentation draws of every item (as ``CropDataset.set_epoch``)."""
+        self._epoch.fill_(int(epoch))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row_number, row = self.studies[index]
         volume = self.cache.image(row["key"])
+        flips, scale, shift = np.zeros(3, dtype=bool), 1.0, 0.0
+        if self.augment is not None:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(self._epoch), int(index)]))
+            flips, scale, shift = draw_augmentation(rng, self.augment, ())
         hu = np.empty((len(self.windows), *volume.shape), dtype=np.float32)  # (C, X, Y, Z)
         np.copyto(hu[0], volume, casting="unsafe")
-        apply_windows(hu[0], window_params(self.windows), hu)
-        return {"volume": resize_volume(torch.from_numpy(hu), self.grid), "index": row_number, "id": row["id"]}
+        apply_windows(hu[0], window_params(self.windows, float(scale), float(shift)), hu)
+        out = resize_volume(torch.from_numpy(hu), self.grid)
+        axes = [1 + int(a) for a in np.flatnonzero(flips)]
+        return {"volume": out.flip(axes) if axes else out, "index": row_number, "id": row["id"]}

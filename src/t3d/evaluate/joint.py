@@ -2,11 +2,12 @@
 
     jm = load_joint("runs/pretrain")                               # run folder or .pt file
     data = study_dataset(jm.cfg, jm.spec, "cache", ids)            # grid crops (whole volume for ``clip``)
-    u, ids = image_embeddings(jm, data)                            # (N, E) unit norm: normalise(mean_k z_k)
+    u, ids = image_embeddings(jm, data)                            # (N, E) unit norm: model.study_embedding
     t = text_embeddings(jm, ["There is a nodule."], "text_cache")  # (M, E) unit norm
 
-A study embedding is built as in pre-training (``PretrainModel``: ``u = normalise(mean_k z_k)`` over the study's
-crop embeddings), here over the deterministic grid of ``t3d.data.grid`` instead of random sites. Text goes
+A study embedding is built by the function pre-training aligned with the reports (``PretrainModel.study_embedding``
+of the study's pooled crop features), here over the deterministic grid of ``t3d.data.grid`` instead of random
+sites. Text goes
 through the same frozen encoder the checkpoint was trained with, is centred by the checkpoint's ``text_mean`` (the
 pre-training corpus mean, not the mean of the new texts: a handful of prompts has a very different mean) and is
 projected by the text head.
@@ -153,14 +154,21 @@ def encode_studies(
 def image_embeddings(
     jm: JointModel, dataset: Dataset, crop_batch: int = 8, workers: int = 0
 ) -> tuple[torch.Tensor, list[str]]:
-    """Study embeddings (N, E), unit norm: normalise(mean over the study's crops of the image head's z)."""
+    """Study embeddings (N, E), unit norm: the checkpoint's own ``study_embedding`` (the function pre-training
+    aligned with the reports) of each study's pooled crop features."""
     model = jm.model
 
     def crop_fn(x: torch.Tensor) -> torch.Tensor:
-        return model.image_head(model.encoder.pool(model.encoder.forward_features(x)))  # (K, E) unit norm
+        return model.encoder.pool(model.encoder.forward_features(x))  # (K, C)
 
     per_study, ids = encode_studies(dataset, crop_fn, jm.device, crop_batch, workers, desc="image embeddings")
-    return F.normalize(torch.stack([z.mean(dim=0) for z in per_study]), dim=-1), ids
+    return study_embeddings(jm, per_study), ids
+
+
+@torch.no_grad()
+def study_embeddings(jm: JointModel, pooled: list[torch.Tensor]) -> torch.Tensor:
+    """(N, E) float32 on CPU: ``PretrainModel.study_embedding`` of each study's pooled crop features (K_s, C)."""
+    return torch.cat([jm.model.study_embedding(p[None].to(jm.device)).float().cpu() for p in pooled])
 
 
 def text_config(jm: JointModel, model: str | None = None) -> TextConfig:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from t3d.config import ConfigError, ModelConfig, PreprocessConfig
+from t3d.config import DEFAULT_WINDOWS, ConfigError, ModelConfig, PreprocessConfig
 
 # ----------------------------------------------------------------------------------------------- shared
 
@@ -69,7 +69,7 @@ class FinetuneConfig:
     """Encoder for ``init: random``; taken from the checkpoint otherwise."""
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     """Preprocessing for ``init: random``; taken from the checkpoint otherwise."""
-    windows: tuple[tuple[float, float], ...] = ((-1000.0, 1000.0),)
+    windows: tuple[tuple[float, float], ...] = DEFAULT_WINDOWS
     """HU windows (low, high), one input channel each, for ``init: random``; taken from the checkpoint otherwise."""
 
     def __post_init__(self) -> None:

@@ -1,7 +1,13 @@
 """Losses of docs/method.md §4: text-affinity targets, soft-target contrastive terms, masked restoration, the
 objective."""
 
-from t3d.losses.affinity import calibrate_tau_text, hard_targets, target_self_prob, text_affinity_targets
+from t3d.losses.affinity import (
+    hard_targets,
+    near_duplicate_share,
+    target_entropy,
+    target_self_prob,
+    text_affinity_targets,
+)
 from t3d.losses.contrastive import (
     align_loss,
     local_target_rows,
@@ -18,16 +24,17 @@ __all__ = [
     "MethodSpec",
     "PretrainObjective",
     "align_loss",
-    "calibrate_tau_text",
     "corrupt",
     "hard_targets",
     "local_target_rows",
     "method_spec",
+    "near_duplicate_share",
     "random_cube_mask",
     "restoration_loss",
     "sentence_align_loss",
     "sentence_similarity",
     "soft_cross_entropy",
+    "target_entropy",
     "target_self_prob",
     "text_affinity_targets",
     "view_loss",

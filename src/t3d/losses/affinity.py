@@ -1,40 +1,52 @@
-"""Text-affinity targets Y (docs/method.md §4): which studies the reports say belong together.
+"""Text-affinity targets Y (docs/method.md §4): which studies the reports say are interchangeable.
 
-    s = features.centred()[batch_ids]              # (B, Et) L2-normalised, centred frozen report embeddings
-    Y = text_affinity_targets(s, tau_text)         # (B, B) rows sum to 1, no gradient
+    s = features.centred()[batch_ids]                              # (B, Et) L2-normalised, centred frozen reports
+    Y = text_affinity_targets(s, threshold=0.9, alpha=0.2, tau_text=0.05)   # (B, B) rows sum to 1, no gradient
 
-``Y = row_softmax((s sᵀ − 1) / τ_text)``. The diagonal logit is 0 (cosine 1 with itself) and every other report
-enters with weight ``exp(−(1 − cos) / τ_text)``: as τ_text → 0 Y becomes the identity (ordinary InfoNCE), while
-reports that say the same thing (cosine ≈ 1, the many "no acute findings" studies) keep sharing probability mass
-instead of being pushed apart as false negatives.
+``Y = (1 − α) I + α W`` with ``W`` a row softmax of ``(S − 1) / τ_text`` restricted to each study's near-duplicates
+``N(i) = {j : S_ij ≥ threshold}`` (``S = s sᵀ``; ``i`` is always in ``N(i)``). Every quantity is a property of a
+*pair* of reports, never of the batch: a study whose report has no near-duplicate in the batch gets exactly the
+one-hot row ``e_i`` whatever B is, and a study shares at most ``α`` of its mass, split among reports that say (nearly)
+the same thing (the many "no acute findings" studies), instead of pushing them apart as false negatives.
+
+Why not a batch-calibrated temperature over all reports: soft cross-entropy against rows that spread a fixed share of
+their mass over every other study of the batch is minimised by a small logit gap, i.e. by nearly identical
+embeddings; at B = 4 a self-probability of 0.5 is 50 % label smoothing with a faint text tilt.
+
+The floor of a soft cross-entropy against Y is its entropy (``CE(Y, p) = H(Y) + KL(Y ‖ p) ≥ H(Y)``), so
+``target_entropy`` (mean row entropy, nats) is logged with every step: "L_align covered x % of the way from log B to
+its floor" is ``(log B − L) / (log B − H(Y))``.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-
 import torch
-
-log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def text_affinity_targets(s: torch.Tensor, tau_text: float) -> torch.Tensor:
-    """Soft targets ``Y = row_softmax((s sᵀ − 1) / tau_text)``, no gradient (float32, or float64 for float64 s).
+def text_affinity_targets(s: torch.Tensor, threshold: float, alpha: float, tau_text: float) -> torch.Tensor:
+    """Soft targets ``Y = (1 − alpha) I + alpha · softmax_{j ∈ N(i)}((S_ij − 1) / tau_text)``, no gradient.
 
     s: (B, Et) L2-normalised (and corpus-centred) frozen report embeddings of the *global* batch.
-    Returns (B, B); row i is the target distribution over the batch for study i. S is symmetric, so row i is also
-    the target for the reverse (text -> image, or view 1 -> view 0) direction.
+    threshold: cosine in (-1, 1] at or above which two reports are near-duplicates (``N(i)``).
+    alpha: share of a row's mass given to its near-duplicates (itself included), in [0, 1).
+    tau_text: temperature of the softmax inside ``N(i)`` (> 0).
+    Returns (B, B) float32 (float64 for float64 s); row i is the target distribution for study i. S is symmetric, so
+    row i is also the target for the reverse (text -> image, or view 1 -> view 0) direction.
     """
     if s.ndim != 2:
         raise ValueError(f"text_affinity_targets: s must be (B, Et), got shape {tuple(s.shape)}")
     if tau_text <= 0:
-        raise ValueError(f"text_affinity_targets: tau_text must be > 0, got {tau_text}; calibrate it first")
+        raise ValueError(f"text_affinity_targets: tau_text must be > 0, got {tau_text}")
+    if not 0 <= alpha < 1 or not -1 < threshold <= 1:
+        raise ValueError(f"text_affinity_targets: need 0 <= alpha < 1, -1 < threshold <= 1; got {alpha}, {threshold}")
     s = s.detach()
     s = s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
     sim = s @ s.T  # (B, B) cosines
-    return torch.softmax((sim - 1.0) / tau_text, dim=1)
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    near = (sim >= threshold) | eye  # a report is its own near-duplicate even after rounding
+    within = torch.softmax(((sim - 1.0) / tau_text).masked_fill(~near, float("-inf")), dim=1)
+    return (1.0 - alpha) * eye.to(sim.dtype) + alpha * within
 
 
 def hard_targets(batch: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -47,66 +59,18 @@ def target_self_prob(y: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(y).float().mean()
 
 
-def _batches(n: int, batch_size: int | None, max_batches: int, seed: int) -> list[torch.Tensor]:
-    """Random disjoint index sets of ``batch_size`` (one set of all rows when ``batch_size`` is None or >= n)."""
-    if batch_size is None or batch_size >= n:
-        return [torch.arange(n)]
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    count = max(1, min(max_batches, n // batch_size))
-    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+def target_entropy(y: torch.Tensor) -> torch.Tensor:
+    """Mean row entropy H(Y) in nats (scalar): the lowest value a soft cross-entropy against Y can reach (0 = I)."""
+    y = y.float()
+    return -(y * torch.log(y.clamp_min(1e-30))).sum(dim=1).mean() + 0.0  # + 0.0: no "-0.000" for Y = I
 
 
 @torch.no_grad()
-def calibrate_tau_text(
-    s: torch.Tensor,
-    target_self_prob: float = 0.5,
-    lo: float = 1e-3,
-    hi: float = 1.0,
-    batch_size: int | None = None,
-    max_batches: int = 64,
-    seed: int = 0,
-    iters: int = 60,
-) -> float:
-    """Pick τ_text so that the mean diagonal of Y equals ``target_self_prob`` (bisection on log τ).
-
-    Why calibrate instead of a fixed τ_text: frozen sentence encoders are anisotropic and put all reports of one
-    domain at high cosine — all-MiniLM-L6-v2 on templated chest-CT reports (tests/test_text.py) gives an off-diagonal
-    mean cosine of 0.78 (95th percentile 0.90). With uncentred embeddings or a "usual" τ (0.1–1), every row of Y
-    is nearly uniform, i.e. every study is a positive of every other and the contrastive terms learn nothing.
-    Centring helps; calibrating makes the remaining scale explicit: ``target_self_prob`` = 0.5 means a study keeps
-    half of its target mass and shares the rest with studies whose reports say (nearly) the same.
-
-    s: (N, Et) normalised, centred embeddings (a corpus or a batch). Y is computed over the global training batch,
-    and the self-probability depends on its size, so pass ``batch_size`` = per-rank batch × world size: Y's
-    diagonal is then averaged over up to ``max_batches`` random batches of that size (fixed by ``seed``). With
-    ``batch_size=None`` all N rows form one batch.
-
-    The mean diagonal decreases monotonically in τ (each off-diagonal weight exp((cos − 1)/τ) grows with τ), so
-    bisection on [lo, hi] converges; if the target lies outside (e.g. many duplicate reports cap the diagonal
-    below the target even at ``lo``), the nearest end is returned with a warning.
-    """
-    if not 0 < target_self_prob < 1:
-        raise ValueError(f"calibrate_tau_text: target_self_prob must be in (0, 1), got {target_self_prob}")
-    if not 0 < lo < hi:
-        raise ValueError(f"calibrate_tau_text: need 0 < lo < hi, got lo={lo}, hi={hi}")
-    s = s.detach().float()
-    sims = [s[idx] @ s[idx].T for idx in _batches(s.shape[0], batch_size, max_batches, seed)]
-
-    def self_prob(tau: float) -> float:
-        return float(torch.stack([torch.softmax((m - 1.0) / tau, dim=1).diagonal().mean() for m in sims]).mean())
-
-    p_lo, p_hi = self_prob(lo), self_prob(hi)
-    if p_lo <= target_self_prob:
-        log.warning("tau_text: self-probability is %.3f even at tau=%g (duplicate reports?); using %g", p_lo, lo, lo)
-        return lo
-    if p_hi >= target_self_prob:
-        log.warning("tau_text: self-probability is %.3f even at tau=%g; using %g", p_hi, hi, hi)
-        return hi
-    a, b = math.log(lo), math.log(hi)
-    for _ in range(iters):
-        mid = 0.5 * (a + b)
-        if self_prob(math.exp(mid)) > target_self_prob:
-            a = mid  # diagonal still too peaked: raise tau
-        else:
-            b = mid
-    return math.exp(0.5 * (a + b))
+def near_duplicate_share(s: torch.Tensor, threshold: float) -> float:
+    """Fraction of ordered pairs of different reports in ``s`` (N, Et) whose cosine is >= ``threshold`` (logged at
+    the start of a run: how many studies share target mass at all)."""
+    n = s.shape[0]
+    if n < 2:
+        return 0.0
+    sim = s.detach().float() @ s.detach().float().T
+    return float(((sim >= threshold).sum() - (sim.diagonal() >= threshold).sum()) / (n * (n - 1)))

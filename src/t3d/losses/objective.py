@@ -1,6 +1,6 @@
 """The pre-training objective: ``L = λ_tcl · (L_view + λ_align · L_align) + λ_tir · TIR`` (docs/method.md §4).
 
-    objective = PretrainObjective(cfg.loss, method_spec(cfg.method), tau_text=tau)
+    objective = PretrainObjective(cfg.loss, method_spec(cfg.method))
     terms = objective(out)            # {"view": ..., "align": ..., "restore": ..., "tcl": ..., "loss": ...}
     terms["loss"].backward()
 
@@ -17,7 +17,8 @@ The model returns a dict of tensors (this rank's B studies, K sites, 2 views eac
 - ``restored`` / ``target`` (N, C, D, H, W), ``mask`` (N, 1, D, H, W) bool, True = hidden — for TIR.
 
 Returned keys: only the terms the method uses (``view``, ``align``, ``tcl``, ``restore``), ``loss``, and the
-diagnostics ``target_self_prob`` (mean diagonal of Y; any contrastive method), ``tau_align`` (align methods) and
+diagnostics ``target_self_prob`` (mean diagonal of Y) and ``target_entropy`` (mean row entropy H(Y), the floor of
+every soft cross-entropy against Y; any contrastive method), ``tau_align`` (align methods) and
 ``study_cos`` (mean pairwise cosine of the batch's study embeddings, global align: near 1 = collapsed joint space).
 A run uses one method, so its log schema is stable (``term_names()`` lists it); absent terms are not logged as
 misleading zeros. Terms keep their graph (``.item()`` them for logging; ``t3d.distributed.all_reduce_mean`` for the
@@ -34,7 +35,7 @@ from torch import nn
 
 from t3d.config import LossConfig
 from t3d.distributed import all_gather_no_grad, world_size
-from t3d.losses.affinity import hard_targets, target_self_prob, text_affinity_targets
+from t3d.losses.affinity import hard_targets, target_entropy, target_self_prob, text_affinity_targets
 from t3d.losses.contrastive import align_loss, sentence_align_loss, view_loss
 from t3d.losses.methods import MethodSpec
 from t3d.losses.restoration import restoration_loss
@@ -49,23 +50,18 @@ def _need(out: dict[str, torch.Tensor], key: str, spec: MethodSpec, why: str) ->
 class PretrainObjective(nn.Module):
     """Weighted sum of the terms a method uses; no parameters of its own (the learnable τ lives in the model)."""
 
-    def __init__(self, loss_cfg: LossConfig, spec: MethodSpec, tau_text: float | None = None):
+    def __init__(self, loss_cfg: LossConfig, spec: MethodSpec):
         super().__init__()
-        if spec.soft_targets and (tau_text is None or tau_text <= 0):
-            raise ValueError(
-                f"method {spec.name!r} uses soft text targets and needs tau_text > 0, got {tau_text}; "
-                "set loss.tau_text or calibrate it with t3d.losses.calibrate_tau_text"
-            )
         self.cfg = loss_cfg
         self.spec = spec
-        self.tau_text = tau_text
 
     def targets(self, out: dict[str, torch.Tensor], b_local: int, device: torch.device) -> torch.Tensor:
         """Y over the global batch (world·B, world·B): report affinities, or the identity for hard targets."""
         if not self.spec.soft_targets:
             return hard_targets(b_local * world_size(), device=device)
         s = _need(out, "frozen_text", self.spec, "soft targets Y come from frozen report embeddings")
-        return text_affinity_targets(all_gather_no_grad(s), self.tau_text)
+        cfg = self.cfg
+        return text_affinity_targets(all_gather_no_grad(s), cfg.affinity_threshold, cfg.affinity_alpha, cfg.tau_text)
 
     def logit_scale(self, out: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         """The model's learnable 1/τ of L_align (``out["logit_scale"]``), else the fixed 1 / ``loss.tau_align``."""
@@ -86,7 +82,7 @@ class PretrainObjective(nn.Module):
     def term_names(self) -> list[str]:
         """The keys ``forward`` returns for this method, in order (a stable log schema)."""
         spec = self.spec
-        names = ["target_self_prob"] if spec.contrastive else []
+        names = ["target_self_prob", "target_entropy"] if spec.contrastive else []
         names += ["view"] if spec.view else []
         names += ["align", "tau_align"] if spec.align != "none" else []
         names += ["study_cos"] if spec.align == "global" else []
@@ -108,6 +104,7 @@ class PretrainObjective(nn.Module):
             anchor = _need(out, "crop_emb", spec, "L_view") if spec.view else _need(out, "study_emb", spec, "L_align")
             y = self.targets(out, anchor.shape[0], anchor.device)
             terms["target_self_prob"] = target_self_prob(y)
+            terms["target_entropy"] = target_entropy(y)
             tcl: torch.Tensor | None = None
             if spec.view:
                 z = _need(out, "crop_emb", spec, "L_view contrasts the two views of each site")  # (B, K, 2, E)

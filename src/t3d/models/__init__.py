@@ -1,7 +1,7 @@
 """Image encoders, projection heads and the text-conditioned restoration decoder (docs/method.md §3)."""
 
 from t3d.models.encoders import PRESETS, Encoder, ResNetEncoder, SwinEncoder, build_encoder, check_crop_size
-from t3d.models.heads import LogitScale, ProjectionHead
+from t3d.models.heads import LogitScale, ProjectionHead, StudyHead
 from t3d.models.restoration import RestorationDecoder
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "ProjectionHead",
     "ResNetEncoder",
     "RestorationDecoder",
+    "StudyHead",
     "SwinEncoder",
     "build_encoder",
     "check_crop_size",

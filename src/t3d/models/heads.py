@@ -1,6 +1,7 @@
 """Projection heads into the joint image/text space and the learnable CLIP temperature (docs/method.md §3, §4).
 
 image_head = ProjectionHead(encoder.embed_channels, cfg.embed_dim)   # pooled crop features -> z (N, E)
+align_head = StudyHead(encoder.embed_channels, cfg.embed_dim)       # a study's pooled crop features -> u (B, E)
 text_head = ProjectionHead(text_features.pooled.shape[1], cfg.embed_dim)  # centred frozen Et -> t (N, E)
 logits = logit_scale() * u @ t.T
 """
@@ -37,6 +38,30 @@ class ProjectionHead(nn.Module):
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"ProjectionHead expects (..., {self.in_dim}) inputs, got shape {tuple(x.shape)}")
         return F.normalize(self.net(x), dim=-1)  # (N, in_dim) -> (N, E)
+
+
+class StudyHead(nn.Module):
+    """The study embedding that meets the report in L_align: ``u = normalise(MLP(mean_k pooled[:, k]))``.
+
+    Its input is the encoder's pooled features of a study's crops (``encoder.pool``), averaged *before* any
+    projection: a head of its own, not the mean of the view head's outputs, because L_view trains that head to
+    tell crop positions apart, which is the opposite of what a study-level summary needs. Training
+    (``PretrainModel``) and evaluation (``t3d.evaluate.joint.image_embeddings``, ``t3d embed``) both call this
+    module, so the embedding that was aligned is the one that is evaluated.
+
+    Args:
+        in_dim: the encoder's ``embed_channels``.
+        out_dim: E, width of the joint space.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = ProjectionHead(in_dim, out_dim)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        if pooled.ndim != 3:
+            raise ValueError(f"StudyHead expects (B, K, C) pooled crop features, got shape {tuple(pooled.shape)}")
+        return self.proj(pooled.mean(dim=1))  # (B, K, C) -> (B, E), unit norm
 
 
 class LogitScale(nn.Module):

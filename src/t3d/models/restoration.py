@@ -6,8 +6,13 @@
 A UNet decoder in the SwinUNETR pattern (Hatamizadeh et al. 2022) over the encoder's multi-scale maps: every map
 goes through a residual 1x1 block (``UnetrBasicBlock``), then from the coarsest map up each ``UnetrUpBlock``
 (transposed conv + residual 3^3 block) doubles the resolution and fuses the next skip; the last level is a light
-``FullResHead`` that fuses ``feats[0]`` (the corrupted input itself, as SwinUNETR's ``encoder1``) with one narrow
-residual block, and a 1x1 conv maps back to the image channels at input resolution.
+``FullResHead`` with one narrow residual block, and a 1x1 conv maps back to the image channels at input resolution.
+
+Skips stop at ``finest_skip`` (default 2, stride 4): the finer levels upsample without a skip (``PlainUpBlock``,
+``FullResHead`` without the input). A skip from the corrupted input itself (level 0, SwinUNETR's ``encoder1``) or
+from the stride-2 stem lets the decoder inpaint a hidden cube from the visible voxels around it, a local texture
+task that needs neither deep encoder features nor the report; without them, what is under the mask has to come
+through the encoder's coarse maps and the report conditioning.
 
 The report tells the decoder what should be under the mask:
 - ``film``: per-channel scale and shift from the report embedding after the bottleneck and after every up block
@@ -79,13 +84,15 @@ class TextCrossAttention(nn.Module):
 
 
 class FullResHead(nn.Module):
-    """The decoder's last level: transposed conv to input resolution, concat the (corrupted) input, one 3^3 conv.
+    """The decoder's last level: transposed conv to input resolution, optionally concat the (corrupted) input, one
+    3^3 conv.
 
     One narrow conv instead of SwinUNETR's two residual blocks at full resolution: this level runs on D*H*W voxels
     per crop, and the decoder is discarded after pre-training, so it only has to be good enough to restore.
 
     Args:
-        in_channels: width of the stride-2 decoder map; image_channels: C of the input skip; out_channels: width.
+        in_channels: width of the stride-2 decoder map; image_channels: C of the input skip (0 = no input skip);
+        out_channels: width.
     """
 
     def __init__(self, in_channels: int, image_channels: int, out_channels: int, norm_name) -> None:
@@ -93,8 +100,21 @@ class FullResHead(nn.Module):
         self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
         self.conv = UnetResBlock(3, out_channels + image_channels, out_channels, 3, 1, norm_name=norm_name)
 
-    def forward(self, h: Tensor, image: Tensor) -> Tensor:
-        return self.conv(torch.cat([self.up(h), image], dim=1))  # (N, d1, s/2) + (N, C, s) -> (N, d0, s)
+    def forward(self, h: Tensor, image: Tensor | None = None) -> Tensor:
+        up = self.up(h)  # (N, d1, s/2) -> (N, d0, s)
+        return self.conv(up if image is None else torch.cat([up, image], dim=1))
+
+
+class PlainUpBlock(nn.Module):
+    """An up level without a skip: transposed conv (x2) + residual 3^3 block, as ``UnetrUpBlock`` minus the fusion."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_name) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose3d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = UnetResBlock(3, out_channels, out_channels, 3, 1, norm_name=norm_name)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.conv(self.up(h))
 
 
 def default_decoder_channels(feature_channels: Sequence[int], max_channels: int = 256, full_res: int = 8) -> list[int]:
@@ -122,7 +142,9 @@ class RestorationDecoder(nn.Module):
         cond_hidden: width of the shared report MLP feeding the FiLM layers (default ``min(cond_dim, 256)``).
         norm_name: normalisation of the conv blocks (MONAI name and arguments). Default GroupNorm with 4 groups,
             not SwinUNETR's instance norm, which fails (training) or zeroes the map (eval) at a one-voxel
-            bottleneck, i.e. for 32^3 crops.
+            bottleneck, i.e. for 32^3 crops; GroupNorm also keeps each crop's statistics its own (no batch mixing).
+        finest_skip: finest encoder level fused as a skip (0 = the input itself, 1 = stride 2, 2 = stride 4, ...);
+            finer levels upsample without one (see the module doc).
     """
 
     def __init__(
@@ -135,6 +157,7 @@ class RestorationDecoder(nn.Module):
         attention_stages: int = 2,
         cond_hidden: int | None = None,
         norm_name: str | tuple = ("group", {"num_groups": 4}),
+        finest_skip: int = 2,
     ) -> None:
         super().__init__()
         levels = len(feature_channels)
@@ -152,6 +175,9 @@ class RestorationDecoder(nn.Module):
             raise ValueError(f"decoder_channels {dec} must be multiples of {groups} (GroupNorm groups)")
         if not 1 <= attention_stages <= levels:
             raise ValueError(f"attention_stages must be in [1, {levels}], got {attention_stages}")
+        if not 0 <= finest_skip <= levels - 1:
+            raise ValueError(f"finest_skip must be in [0, {levels - 1}] (an encoder level), got {finest_skip}")
+        self.finest_skip = finest_skip
         self.feature_channels, self.decoder_channels = list(feature_channels), dec
         self.conditioning, self.cond_dim = conditioning, cond_dim
         self.grad_checkpointing = False
@@ -168,13 +194,16 @@ class RestorationDecoder(nn.Module):
         # 2048-channel map alone would cost 14 M parameters. The full-resolution level is a light head (see
         # FullResHead): residual blocks there cost more than the whole encoder (measured: 97 % of a step's FLOPs
         # and 95 % of its memory with resnet/tiny on 96^3 crops, benchmarks/pretrain_step.py).
-        self.skips = nn.ModuleList(
-            nn.Identity() if i == 0 else conv_block(c, d, 1) for i, (c, d) in enumerate(zip(feature_channels, dec))
-        )
-        self.ups = nn.ModuleList(
-            FullResHead(dec[1], feature_channels[0], dec[0], norm_name) if i == 0 else up_block(dec[i + 1], dec[i])
-            for i in range(levels - 1)
-        )
+        def skip(i: int) -> nn.Module:  # identity for the input itself and for levels without a skip
+            return conv_block(feature_channels[i], dec[i], 1) if 0 < i and i >= finest_skip else nn.Identity()
+
+        def up(i: int) -> nn.Module:
+            if i == 0:
+                return FullResHead(dec[1], feature_channels[0] if finest_skip == 0 else 0, dec[0], norm_name)
+            return up_block(dec[i + 1], dec[i]) if i >= finest_skip else PlainUpBlock(dec[i + 1], dec[i], norm_name)
+
+        self.skips = nn.ModuleList(skip(i) for i in range(levels))
+        self.ups = nn.ModuleList(up(i) for i in range(levels - 1))
         self.out = UnetOutBlock(3, dec[0], out_channels)
 
         self.cond_net: nn.Module | None = None
@@ -259,7 +288,7 @@ class RestorationDecoder(nn.Module):
     def _level(
         self, i: int, h: Tensor, skip: Tensor, c: Tensor | None, tokens: Tensor | None, token_mask: Tensor | None
     ) -> Tensor:
-        h = self.ups[i](h, self.skips[i](skip))
+        h = self.ups[i](h, self.skips[i](skip)) if i >= self.finest_skip else self.ups[i](h)
         return self._condition(i, h, c, tokens, token_mask)
 
     def _condition(

@@ -12,7 +12,7 @@ from t3d import distributed as dist
 from t3d.config import PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.data.crops import CropDataset, WholeVolumeDataset
-from t3d.losses import MethodSpec, calibrate_tau_text, target_self_prob, text_affinity_targets
+from t3d.losses import MethodSpec, near_duplicate_share, target_entropy, text_affinity_targets
 from t3d.text import clean_report, load_text_features, split_sections
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,10 @@ def split_ids(cfg: PretrainConfig) -> list[str] | None:
 def build_dataset(cfg: PretrainConfig, spec: MethodSpec):
     ids = split_ids(cfg)
     if spec.whole_volume:
-        return WholeVolumeDataset(cfg.data.cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids)
+        # The same augmentation policy as the crop methods (crops.flip_axes, intensity jitter).
+        return WholeVolumeDataset(
+            cfg.data.cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids, augment=cfg.crops, seed=cfg.seed
+        )
     return CropDataset(cfg.data.cache, cfg.crops, ids=ids, seed=cfg.seed)
 
 
@@ -77,16 +80,22 @@ class TextLookup:
             ends = torch.bincount(feats.sent_owner, minlength=len(rows)).cumsum(0).tolist()
             self.sent_ranges = [torch.arange(a, b) for a, b in zip([0, *ends[:-1]], ends)]
             self.sent_mean = feats.sent_mean
-        self.tau_text = self._temperature(cfg, spec, dist.world_size() * cfg.train.batch_size)
+        if spec.soft_targets:
+            self._log_targets(cfg, dist.world_size() * cfg.train.batch_size)
 
-    def _temperature(self, cfg: PretrainConfig, spec: MethodSpec, batch: int) -> float:
-        if not spec.soft_targets:
-            return 0.0
-        tau = cfg.loss.tau_text or calibrate_tau_text(self.frozen.cpu(), cfg.loss.target_self_prob, batch_size=batch)
-        probe = self.frozen[torch.randperm(len(self.frozen), generator=torch.Generator().manual_seed(0))[:batch]]
-        self_prob = target_self_prob(text_affinity_targets(probe.cpu(), tau))
-        log.info("text targets: tau_text=%.4f, mean self-probability in a batch of %d = %.3f", tau, batch, self_prob)
-        return float(tau)
+    def _log_targets(self, cfg: PretrainConfig, batch: int) -> None:
+        """How much target mass the corpus shares: near-duplicate pairs and H(Y) of one probe batch."""
+        loss = cfg.loss
+        frozen = self.frozen.cpu()
+        probe = frozen[torch.randperm(len(frozen), generator=torch.Generator().manual_seed(0))[:batch]]
+        y = text_affinity_targets(probe, loss.affinity_threshold, loss.affinity_alpha, loss.tau_text)
+        log.info(
+            "text targets: %.2f %% of report pairs are near-duplicates (cosine >= %.2f); H(Y) of a batch of %d = %.3f",
+            100 * near_duplicate_share(frozen, loss.affinity_threshold),
+            loss.affinity_threshold,
+            batch,
+            float(target_entropy(y)),
+        )
 
     def for_batch(self, batch: dict) -> dict[str, torch.Tensor]:
         pos = self.position[batch["index"].cpu()]

@@ -74,8 +74,9 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
     dataset = build_dataset(cfg, spec)
     text = build_text_lookup(cfg, spec, dataset, device)
     model = PretrainModel(cfg, spec, text_dim=text.dim).to(device)
-    objective = PretrainObjective(cfg.loss, spec, tau_text=text.tau_text).to(device)
+    objective = PretrainObjective(cfg.loss, spec).to(device)
     if dist.is_distributed():
+        model = dist.sync_batch_norm(model, device)
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     core = model.module if hasattr(model, "module") else model
@@ -98,7 +99,7 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
         start_step, position = _restore(ckpt_path, core, ctx)
         log.info("resumed %s at step %d (epoch %d, batch %d)", ckpt_path, start_step, *position)
     run_log = RunLog(run_dir, resume_step=start_step, enabled=dist.is_main())
-    extra_state = {"text_mean": text.mean.cpu(), "tau_text": text.tau_text, "text_model": text.model_id}
+    extra_state = {"text_mean": text.mean.cpu(), "text_model": text.model_id}
     if text.sent_mean is not None:
         extra_state["sent_mean"] = text.sent_mean.cpu()
     final = _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra_state)

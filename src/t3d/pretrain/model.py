@@ -3,10 +3,16 @@
 The model returns tensors; the loss is a separate object (``t3d.losses.PretrainObjective``). One forward pass serves
 both pretext tasks. With restoration and contrastive terms on, the *second* view of every site is masked and
 restored, the first stays clean: L_view then pairs a clean view with a masked one (masking as strong augmentation),
-and the study embedding that meets the report in L_align is the mean of the clean views only. Clean views keep
-the study embedding a function of the study rather than of the random mask (masking every view, Swin UNETR SSL
-style, leaves L_align at log B much longer). Methods
-without contrastive terms mask and restore both views; methods without restoration see clean views.
+and the study embedding that meets the report in L_align is built from the clean views only. Methods without
+contrastive terms mask and restore both views; methods without restoration see clean views.
+
+Two heads read the encoder's pooled crop features: ``image_head`` gives each crop its L_view embedding z, and
+``align_head`` (``StudyHead``, methods with ``align: global``) gives the study embedding u from the mean of a study's
+pooled features. ``study_embedding`` is that function; evaluation calls the same one.
+
+Clean and masked crops go through the encoder in separate calls: batch-dependent norm layers (the ResNet's
+BatchNorm) then never mix the statistics of clean and half-hidden crops, which would make a clean crop's embedding
+depend on what was hidden in other crops of the batch.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from torch import nn
 
 from t3d.config import PretrainConfig
 from t3d.losses import MethodSpec, corrupt, random_cube_mask
-from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, build_encoder
+from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, StudyHead, build_encoder
 
 
 class PretrainModel(nn.Module):
@@ -34,12 +40,20 @@ class PretrainModel(nn.Module):
         self.encoder = build_encoder(cfg.model, in_channels=channels, img_size=tuple(size))
         self.encoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
         width = cfg.model.embed_dim
-        self.image_head = ProjectionHead(self.encoder.embed_channels, width)
+        # The whole-volume baseline has no crop-level term: its only image head is the study head.
+        self.image_head = None if spec.whole_volume else ProjectionHead(self.encoder.embed_channels, width)
+        self.align_head = StudyHead(self.encoder.embed_channels, width) if spec.align == "global" else None
         self.text_head = ProjectionHead(text_dim, width) if spec.align != "none" else None
         self.logit_scale = LogitScale(cfg.loss.tau_align) if spec.align != "none" else None
         self.conditioning = spec.conditioning or cfg.model.conditioning
         self.decoder = (
-            RestorationDecoder(self.encoder.feature_channels, channels, text_dim, conditioning=self.conditioning)
+            RestorationDecoder(
+                self.encoder.feature_channels,
+                channels,
+                text_dim,
+                conditioning=self.conditioning,
+                finest_skip=cfg.model.decoder_finest_skip,
+            )
             if spec.restore
             else None
         )
@@ -59,17 +73,17 @@ class PretrainModel(nn.Module):
         x = views.flatten(0, 2)  # (B*K*2, C, D, H, W), ordered (study, site, view)
         out: dict[str, torch.Tensor] = {"frozen_text": text["frozen"]}
         restore_idx = self._restored_crops(b, k, v, x.device)
-        x_in = x
-        if restore_idx is not None:
+        if restore_idx is None:
+            feats = self.encoder.forward_features(x)
+        else:
             mask = random_cube_mask(
                 (len(restore_idx), 1, *x.shape[2:]), self.cfg.loss.mask_ratio, self.cfg.loss.mask_block, generator
             ).to(x.device)
-            x_in = x.index_copy(0, restore_idx, corrupt(x[restore_idx], mask))
-        feats = self.encoder.forward_features(x_in)
-        z = self.image_head(self.encoder.pool(feats)).view(b, k, v, -1)  # (B, K, 2, E), L2-normalised
-        out["crop_emb"] = z
-        clean = z[:, :, 0] if restore_idx is not None and self.spec.contrastive else z.flatten(1, 2)
-        out["study_emb"] = nn.functional.normalize(clean.mean(dim=1), dim=-1)  # (B, E)
+            feats = self._encode_apart(x, restore_idx, corrupt(x[restore_idx], mask))
+        pooled = self.encoder.pool(feats).view(b, k, v, -1)  # (B, K, 2, C)
+        out["crop_emb"] = self.image_head(pooled)  # (B, K, 2, E), L2-normalised
+        clean = pooled[:, :, 0] if restore_idx is not None and self.spec.contrastive else pooled.flatten(1, 2)
+        out["study_emb"] = self.study_embedding(clean)  # (B, E)
         if restore_idx is not None:
             per_study = len(restore_idx) // b
             cond, tokens, token_mask = self._conditioning_inputs(text, repeat=per_study)
@@ -78,6 +92,30 @@ class PretrainModel(nn.Module):
             out["target"], out["mask"] = x[restore_idx], mask
         self._text_outputs(out, text)
         return out
+
+    def study_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Study embeddings (B, E), unit norm, from the pooled features (B, K, C) of each study's K crops (``clip``:
+        K = 1, the whole volume): the study head where the method aligns studies with reports, else the normalised
+        mean of the crops' view embeddings. Training and evaluation both call this."""
+        if self.align_head is not None:
+            return self.align_head(pooled)
+        return nn.functional.normalize(self.image_head(pooled).mean(dim=1), dim=-1)
+
+    def _encode_apart(self, x: torch.Tensor, restore_idx: torch.Tensor, corrupted: torch.Tensor) -> list:
+        """Encoder feature maps of every crop of ``x`` (in its order), with the crops at ``restore_idx`` replaced by
+        ``corrupted``; clean and masked crops in separate encoder calls (separate BatchNorm statistics)."""
+        n = x.shape[0]
+        keep = torch.ones(n, dtype=torch.bool, device=x.device)
+        keep[restore_idx] = False
+        clean_idx = keep.nonzero().squeeze(1)
+        masked = self.encoder.forward_features(corrupted)
+        if clean_idx.numel() == 0:
+            return [f.new_empty((n, *f.shape[1:])).index_copy(0, restore_idx, f) for f in masked]
+        clean = self.encoder.forward_features(x[clean_idx])
+        return [
+            c.new_empty((n, *c.shape[1:])).index_copy(0, clean_idx, c).index_copy(0, restore_idx, m)
+            for c, m in zip(clean, masked)
+        ]
 
     def _restored_crops(self, b: int, k: int, v: int, device) -> torch.Tensor | None:
         """Flat indices of the crops that are masked and restored: view 1 of every site, or every view when the
@@ -88,9 +126,8 @@ class PretrainModel(nn.Module):
         return (grid[:, :, 1] if self.spec.contrastive else grid).flatten()
 
     def _forward_whole(self, volume: torch.Tensor, text: dict[str, torch.Tensor]) -> dict:
-        feats = self.encoder.forward_features(volume)
-        z = self.image_head(self.encoder.pool(feats))  # (B, E)
-        out = {"frozen_text": text["frozen"], "study_emb": z}
+        pooled = self.encoder.pool(self.encoder.forward_features(volume))  # (B, C)
+        out = {"frozen_text": text["frozen"], "study_emb": self.study_embedding(pooled[:, None])}  # (B, E)
         self._text_outputs(out, text)
         return out
 
