@@ -4,7 +4,7 @@ Accepted layouts::
 
     JSONL / CSV / TSV   id, image, report            (or findings and/or impression instead of report)
                         optional: label (segmentation map on the image grid), any other column (kept as extra)
-    CT-RATE CSV         VolumeName, Findings_EN, Impressions_EN   (id = VolumeName without .nii.gz)
+    CT-RATE CSV         VolumeName, Findings_EN, Impressions_EN   (id: see ``ctrate_id``)
 
 Relative paths resolve against the data root (default: the manifest's folder). Problems with the manifest as a whole
 (unknown format, missing columns, duplicate ids, rows without id or image, malformed JSON) raise ``ManifestError``
@@ -58,6 +58,8 @@ class Study:
     """Non-empty when this study must be quarantined before reading it (the reason, for people)."""
     problem_kind: str = ""
     """Short category of ``problem`` used to count reasons in the summary."""
+    root: Path | None = None
+    """The data root: every file the study is read from (header-referenced data, DICOM slices) must lie in it."""
 
 
 def read_manifest(path: str | Path, root: str | Path | None = None, label_key: str | None = None) -> list[Study]:
@@ -195,7 +197,7 @@ def _generic_study(row: dict[str, Any], line: int, resolver: _PathResolver, labe
 def _ctrate_study(row: dict[str, Any], line: int, resolver: _PathResolver) -> Study:
     name = _text(row.get("VolumeName"))
     study = Study(
-        id=re.sub(r"\.nii(\.gz)?$", "", name),
+        id=ctrate_id(name),
         image=resolver.ctrate(name),
         findings=_text(row.get("Findings_EN")),
         impression=_text(row.get("Impressions_EN")),
@@ -204,6 +206,15 @@ def _ctrate_study(row: dict[str, Any], line: int, resolver: _PathResolver) -> St
     )
     _finish(study, row, resolver)
     return study
+
+
+def ctrate_id(volume_name: str) -> str:
+    """The study id of a CT-RATE ``VolumeName``: the file name without folders and without ``.nii``/``.nii.gz``.
+
+    ``volumes/train_1_a_1.nii.gz``, ``train_1_a_1.nii.gz`` and ``train_1_a_1`` are one study, ``train_1_a_1``: a
+    folder in the path never makes the same scan two studies, and labels tables and split files name it alike.
+    """
+    return re.sub(r"\.nii(\.gz)?$", "", volume_name.replace("\\", "/").rsplit("/", 1)[-1])
 
 
 def _finish(study: Study, row: dict[str, Any], resolver: _PathResolver) -> None:
@@ -224,8 +235,11 @@ def _finish(study: Study, row: dict[str, Any], resolver: _PathResolver) -> None:
         study.image = Path(_SURROGATE.sub("\ufffd", str(study.image)))  # printable in quarantine.json
         for name in ("findings", "impression", "report"):
             setattr(study, name, _SURROGATE.sub("\ufffd", getattr(study, name)))
+    study.root = resolver.root
     for kind, path in (("image", study.image), ("label", study.label)):
-        if path is not None and not resolver.inside(path):
+        if path is not None and resolver.loops(path):
+            problems.append((f"{kind} path {path} is a symlink loop; point the link at a real file", "symlink loop"))
+        elif path is not None and not resolver.inside(path):
             problems.append(
                 (
                     f"{kind} path {path} is outside the data root {resolver.root} (via '..', an absolute path or a "
@@ -264,6 +278,15 @@ class _PathResolver:
     def inside(self, path: Path) -> bool:
         """True when ``path`` (symlinks resolved) lies under the data root."""
         return path.resolve().is_relative_to(self._real_root)
+
+    @staticmethod
+    def loops(path: Path) -> bool:
+        """True when resolving ``path`` runs into a symlink loop."""
+        try:
+            path.resolve(strict=False)
+        except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError(ELOOP) from 3.13
+            return True
+        return False
 
     def ctrate(self, name: str) -> Path:
         direct = self.root / name
