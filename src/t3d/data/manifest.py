@@ -208,6 +208,26 @@ def _ctrate_study(row: dict[str, Any], line: int, resolver: _PathResolver) -> St
     return study
 
 
+ID_RULE = (
+    "how ids are made: an 'id' column is used as written; a CT-RATE VolumeName and an MSD image path give the file "
+    "name without folders and without .nii/.nii.gz (volumes/x_1.nii.gz -> x_1); split files and labels tables must "
+    "use those ids"
+)
+
+
+def id_mismatch(have: list[str], wanted: list[str], have_what: str, wanted_what: str) -> str:
+    """A message for ids that do not meet: examples from both sides and the id rule."""
+    missing = [i for i in wanted if i not in set(have)]
+
+    def examples(ids: list[str]) -> str:
+        return ", ".join(repr(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "") if ids else "none"
+
+    return (
+        f"{len(missing)} of the {len(wanted)} ids of {wanted_what} are not among the {len(have)} ids of "
+        f"{have_what}; {wanted_what}: {examples(missing)}; {have_what}: {examples(list(have))}; {ID_RULE}"
+    )
+
+
 def ctrate_id(volume_name: str) -> str:
     """The study id of a CT-RATE ``VolumeName``: the file name without folders and without ``.nii``/``.nii.gz``.
 

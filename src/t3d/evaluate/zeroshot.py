@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import yaml
 
 from t3d.config import ConfigError
+from t3d.data.manifest import id_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,11 @@ def run_zeroshot(
     table = prepare_label_cache(table, cache, jm.cfg.preprocess, workers=workers)
     ids = [i for i in read_split(splits, split) if i in set(table.ids)] if splits else list(table.ids)
     if not ids:
-        raise ValueError(f"no labelled, cached study is in split '{split}' of {splits}")
+        wanted, where = read_split(splits, split) if splits else [], f"split '{split}' of {splits}"
+        raise ValueError(
+            f"no labelled, cached study is in split '{split}' of {splits}: "
+            + id_mismatch(list(table.ids), wanted, "labelled, cached studies", where)
+        )
     pos, neg = prompt_embeddings(jm, prompt_set, cache / "text", text_model)
     data = study_dataset(jm.cfg, jm.spec, cache, ids, overlap=overlap, max_crops=max_crops)
     image_emb, got = image_embeddings(jm, data, crop_batch=crop_batch, workers=workers)

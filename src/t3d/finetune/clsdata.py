@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from t3d.config import PreprocessConfig
+from t3d.data.manifest import id_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,11 @@ def split_studies(
         if both:
             raise ValueError(f"{splits}: {len(both)} studies are in both '{train_split}' and '{test_split}'")
         if not test:
-            raise ValueError(f"{splits}: no labelled, cached study in split '{test_split}'")
+            wanted, where = read_split(splits, test_split), f"split '{test_split}' of {splits}"
+            raise ValueError(
+                f"{splits}: no labelled, cached study in split '{test_split}': "
+                + id_mismatch(list(ids), wanted, "labelled, cached studies", where)
+            )
     else:
         pool, test = list(ids), []
     parts = make_splits(pool, test, fraction, val_fraction, test_fraction, seed)
