@@ -4,7 +4,7 @@ Every reader returns data indexed (x, y, z) with a voxel -> RAS world (mm) affin
 
 =================  ===========================================================================
 NIfTI .nii(.gz)    ``monai.data.NibabelReader`` (affine as stored: NIfTI world is RAS)
-NRRD .nrrd         ``monai.data.NrrdReader`` (pynrrd; LPS headers converted to RAS)
+NRRD .nrrd/.nhdr   ``monai.data.NrrdReader`` (pynrrd; LPS headers converted to RAS; .nhdr: detached data)
 MHA/MHD            ``SimpleITKReader`` below (MONAI's ITKReader needs the 1.5 GB ``itk`` package)
 DICOM folder       ``monai.data.PydicomReader`` after checking the folder holds one evenly spaced series
 =================  ===========================================================================
@@ -30,7 +30,7 @@ from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from t3d.data.sources import StudyError, check_declared_size, source_files
 
-FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".mha": "itk", ".mhd": "itk"}
+FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "itk", ".mhd": "itk"}
 DEFAULT_MAX_VOXELS = 2**29  # PreprocessConfig.max_voxels' default (config sits above data in the layers)
 MAX_SLICE_GAP_RATIO = 1.1  # DICOM slice gaps may differ by 10 % (rounding) before we call the series uneven
 

@@ -104,15 +104,48 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     text = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
     if suffix in (".jsonl", ".ndjson"):
         return _jsonl_rows(path, text)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-    if not reader.fieldnames:
-        raise ManifestError(f"manifest {path} is empty; expected a header row (id, image, report)")
+    delimiter = "\t" if suffix == ".tsv" else ","
+    # strict: a quote that is not followed by the delimiter is an error, not the start of a cell that silently
+    # swallows the rows after it.
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows = []
-    for row in reader:
-        if None in row:  # more cells than header columns
-            raise ManifestError(f"manifest {path} line {reader.line_num}: more cells than header columns")
-        rows.append((reader.line_num, {k.strip(): v for k, v in row.items()}))
+    try:
+        if not reader.fieldnames:
+            raise ManifestError(f"manifest {path} is empty; expected a header row (id, image, report)")
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise ManifestError(f"manifest {path} line {reader.line_num}: more cells than header columns")
+            rows.append((reader.line_num, {k.strip(): v for k, v in row.items()}))
+    except csv.Error as err:
+        raise ManifestError(f"manifest {path} line {reader.line_num + 1}: {err}; {UNBALANCED_QUOTE}") from None
+    _check_swallowed_rows(path, rows, [c.strip() for c in reader.fieldnames], delimiter)
     return rows
+
+
+UNBALANCED_QUOTE = (
+    'a quote is probably unbalanced: a quoted cell ends with a quote followed by the delimiter, and a quote inside '
+    'a cell is written twice ("")'
+)
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def _check_swallowed_rows(path: Path, rows: list, columns: list[str], delimiter: str) -> None:
+    """ManifestError when a multi-line cell holds lines that look like manifest rows (an image path in the image
+    column's position): an unbalanced quote that the strict parser could not see swallowed them."""
+    image_col = next((columns.index(c) for c in ("image", "VolumeName") if c in columns), None)
+    if image_col is None:
+        return
+    for line, row in rows:
+        for value in row.values():
+            if not isinstance(value, str) or "\n" not in value:
+                continue
+            for extra in value.splitlines()[1:]:
+                cells = extra.split(delimiter)
+                if len(cells) > image_col and cells[image_col].strip().strip('"').lower().endswith(IMAGE_SUFFIXES):
+                    raise ManifestError(
+                        f"manifest {path} line {line}: a quoted cell runs over several lines and holds what looks "
+                        f"like another row ({extra[:80]!r}); {UNBALANCED_QUOTE}"
+                    )
 
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:

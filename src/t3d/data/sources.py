@@ -136,7 +136,7 @@ def referenced_files(path: Path) -> list[Path]:
                 kind="unsupported layout",
             )
         return [_relative_to_header(path, value)]
-    if name.endswith(".nrrd"):
+    if name.endswith((".nrrd", ".nhdr")):
         header = _nrrd_header(path)
         value = str(header.get("data file", header.get("datafile", "")))
         if not value:

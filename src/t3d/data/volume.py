@@ -85,6 +85,13 @@ def check_spacing(affine: np.ndarray, cfg: PreprocessConfig, source: Path) -> np
             f"or above preprocess.max_spacing_mm={cfg.max_spacing_mm:g}); the header is corrupt: fix or re-export it",
             kind="absurd spacing",
         )
+    # Parallel or zero axes: no orientation exists (MONAI's Orientation fails with "Unable to find out axis").
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)):
+        raise StudyError(
+            f"{source}: the voxel-to-world affine is singular (two axes point the same way); the header is corrupt: "
+            "fix or re-export it",
+            kind="absurd spacing",
+        )
     return spacing
 
 
