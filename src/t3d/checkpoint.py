@@ -15,7 +15,6 @@ import os
 import pickle
 import random
 import uuid
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +95,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "never holds; use a checkpoint written by t3d, or `t3d export` output (.safetensors)"
             ) from None
         raise CheckpointError(f"{path} is not a t3d checkpoint (not a torch file); {_WHAT_TO_PASS}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # garbage bytes fail anywhere in the unpickler (KeyError, EOFError, RuntimeError, ...)
         first = (str(err).splitlines() or [""])[0][:200]
         raise CheckpointError(
             f"{path} is not a t3d checkpoint (truncated or damaged torch file: {first}); {_WHAT_TO_PASS}"
