@@ -25,9 +25,8 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+import nibabel as nib
 import nrrd
-from nibabel import Nifti1Header
-from nibabel.openers import ImageOpener
 
 MAX_COMPRESSION_RATIO = 1032
 """Deflate (gzip, zlib) never compresses better than about 1032:1; bzip2's bound is higher but still finite."""
@@ -210,13 +209,12 @@ def _declared(path: Path, kind: str) -> tuple[tuple[int, ...], int, int, bool]:
     """(declared shape, bytes per voxel, bytes of pixel data on disk, compressed?) from the header alone."""
     if kind == "nifti":
         try:
-            with ImageOpener(str(path)) as fh:
-                header = Nifti1Header.from_fileobj(fh, check=False)
+            header = nib.load(str(path)).header  # NIfTI-1 or -2; the voxels stay on disk (lazy array proxy)
             shape, itemsize = header.get_data_shape(), header.get_data_dtype().itemsize
         except Exception as err:
             raise StudyError(f"cannot read NIfTI header of {path} ({type(err).__name__}: {err})") from None
         compressed = path.name.lower().endswith(".gz")
-        offset = 0 if compressed else int(header["vox_offset"])
+        offset = 0 if compressed else int(header.get_data_offset())
         return tuple(shape), itemsize, max(path.stat().st_size - offset, 0), compressed
     if kind == "nrrd":
         header = _nrrd_header(path)
