@@ -123,7 +123,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 UNBALANCED_QUOTE = (
-    'a quote is probably unbalanced: a quoted cell ends with a quote followed by the delimiter, and a quote inside '
+    "a quote is probably unbalanced: a quoted cell ends with a quote followed by the delimiter, and a quote inside "
     'a cell is written twice ("")'
 )
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
