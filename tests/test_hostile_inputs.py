@@ -282,6 +282,3 @@ def test_a_manifest_error_writes_no_partial_index(tmp_path):
     assert main(["preprocess", "--manifest", str(manifest), "--out", str(tmp_path / "cache"), "--quiet"]) == 2
     assert not (tmp_path / "cache" / "index.jsonl").exists()
 
-
-def test_the_readers_default_budget_is_the_configs():
-    assert io_module.DEFAULT_MAX_VOXELS == PreprocessConfig().max_voxels  # io sits below config: one number, twice

@@ -28,10 +28,11 @@ from monai.data import ImageReader, MetaTensor, NibabelReader, NrrdReader, Pydic
 from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from t3d.config import PreprocessConfig
 from t3d.data.sources import StudyError, check_declared_size, source_files
 
 FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "itk", ".mhd": "itk"}
-DEFAULT_MAX_VOXELS = 2**29  # PreprocessConfig.max_voxels' default (config sits above data in the layers)
+DEFAULT_MAX_VOXELS = PreprocessConfig.max_voxels  # the config's default budget, for callers without a config
 MAX_SLICE_GAP_RATIO = 1.1  # DICOM slice gaps may differ by 10 % (rounding) before we call the series uneven
 
 
