@@ -281,4 +281,3 @@ def test_a_manifest_error_writes_no_partial_index(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "image": "a.nii.gz", "report": "r"}, {"id": "a"}])
     assert main(["preprocess", "--manifest", str(manifest), "--out", str(tmp_path / "cache"), "--quiet"]) == 2
     assert not (tmp_path / "cache" / "index.jsonl").exists()
-
