@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from studyfiles import ct_volume, write_dicom_series, write_nifti
-from t3d.data.io import SimpleITKReader, StudyError, content_hash, read_image, stat_fingerprint
+from t3d.data.io import SimpleITKReader, read_image
+from t3d.data.sources import StudyError, content_hash, stat_fingerprint
 
 # An oblique-free but axis-flipped geometry: x runs right->left (LPS-like), z is 2.5 mm.
 AFFINE = np.array([[-0.7, 0, 0, 30.0], [0, 0.8, 0, -12.0], [0, 0, 2.5, 40.0], [0, 0, 0, 1]])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 
 import numpy as np
 import pytest
 
 import t3d.data.cache as cache_module
+import t3d.data.pool as pool_module
 import t3d.data.preprocess as preprocess_module
 from studyfiles import ct_volume, tree_state, write_jsonl, write_nifti
 from t3d.cli import main
@@ -107,7 +110,7 @@ def test_crash_mid_write_leaves_no_complete_looking_entry_and_rerun_finishes(tmp
     real_save = np.save
 
     def failing_save(path, array, *args, **kwargs):
-        if ".tmp-b-" in str(path) and str(path).endswith("fg.npy"):  # image.npy already written
+        if "/.tmp~" in str(path) and str(path).endswith("~b/fg.npy"):  # image.npy already written
             raise OSError("No space left on device (simulated)")
         return real_save(path, array, *args, **kwargs)
 
@@ -117,10 +120,14 @@ def test_crash_mid_write_leaves_no_complete_looking_entry_and_rerun_finishes(tmp
     monkeypatch.undo()
     cache = StudyCache(tmp_path / "cache")
     assert cache.is_complete("a") and not (cache.studies / "b").exists()
-    assert not any(p.name.startswith(".tmp-") for p in cache.studies.iterdir())
-    # A hard kill (no cleanup) leaves a temporary folder: the next run removes it and finishes the work.
-    (cache.studies / ".tmp-c-deadbeef").mkdir()
-    (cache.studies / ".tmp-c-deadbeef" / "image.npy").write_bytes(b"partial")
+    assert not any(p.name.startswith(".tmp") for p in cache.studies.iterdir())
+    # A hard kill (no cleanup) leaves a temporary folder: the next run on this host removes it (its pid is gone)
+    # and finishes the work.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = cache.studies / f".tmp~{socket.gethostname()}~{dead.pid}~deadbeef~c"
+    stale.mkdir()
+    (stale / "image.npy").write_bytes(b"partial")
     summary = run(manifest, tmp_path / "cache")
     assert (summary["processed"], summary["skipped"]) == (2, 1)
     assert [r["id"] for r in cache.index()] == ["a", "b", "c"]
@@ -144,7 +151,7 @@ def test_summary_counts_and_files(tmp_path):
 
 def test_parallel_workers_match_a_single_process(tmp_path, monkeypatch):
     # fork: the pool plumbing without re-importing MONAI in a fork server (test_forkserver_workers covers that)
-    monkeypatch.setattr(preprocess_module, "START_METHOD", "fork")
+    monkeypatch.setattr(pool_module, "START_METHOD", "fork")
     manifest = make_studies(tmp_path)
     assert run(manifest, tmp_path / "one")["processed"] == 3
     assert run(manifest, tmp_path / "two", workers=2)["processed"] == 3

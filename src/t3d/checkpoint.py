@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import uuid
 from pathlib import Path
@@ -23,6 +24,10 @@ import torch
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A file cannot be used as a t3d checkpoint: not a torch file, truncated, or holding code objects."""
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: str | Path, name: str, keep: int | None = None) -> Path:
@@ -81,7 +86,40 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise CheckpointError(
+                f"{path}: refused: contains code objects (pickled classes or functions), which a t3d checkpoint "
+                "never holds; use a checkpoint written by t3d, or `t3d export` output (.safetensors)"
+            ) from None
+        raise CheckpointError(f"{path} is not a t3d checkpoint (not a torch file); {_WHAT_TO_PASS}") from None
+    except Exception as err:  # garbage bytes fail anywhere in the unpickler (KeyError, EOFError, RuntimeError, ...)
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path} is not a t3d checkpoint (truncated or damaged torch file: {first}); {_WHAT_TO_PASS}"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a t3d checkpoint (holds a {type(state).__name__}); {_WHAT_TO_PASS}")
+    return state
+
+
+_WHAT_TO_PASS = "pass a run folder or a checkpoints/*.pt file written by t3d"
+
+
+def intact_checkpoint(run_dir: str | Path, broken: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir/checkpoints`` other than ``broken`` that loads, or None."""
+    folder = Path(run_dir) / "checkpoints"
+    for path in sorted(folder.glob("*.pt"), key=_step_number, reverse=True):
+        if path.resolve() == broken.resolve():
+            continue
+        try:
+            load_checkpoint(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
 
 
 def rng_state() -> dict[str, Any]:

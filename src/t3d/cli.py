@@ -91,12 +91,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(resolve(args.func)(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        # Errors meant for people: print the message, not a traceback (use -v for one).
+    except (ConfigError, ValueError, OSError) as err:
+        # Errors meant for people (bad input, a file that is missing, read-only or of the wrong kind): the message
+        # names the file and the fix; no traceback unless -v.
         if args.verbose:
             raise
-        print(f"t3d {args.command}: error: {err}", file=sys.stderr)
+        print(f"t3d {args.command}: error: {_for_people(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"t3d {args.command}: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+
+
+def _for_people(err: Exception) -> str:
+    """The message of ``err``; OS errors get the file and what to do, as other errors already carry them."""
+    if not isinstance(err, OSError) or isinstance(err, FileNotFoundError) and not err.filename:
+        return str(err)
+    where = f"{err.filename}: " if err.filename else ""
+    hints = {
+        PermissionError: "not allowed here: choose a writable location or fix the permissions",
+        IsADirectoryError: "a folder where a file is expected: pass a file",
+        NotADirectoryError: "a file where a folder is expected: pass a folder",
+        FileExistsError: "exists and is not what is expected here: choose another path",
+        FileNotFoundError: "does not exist: check the path",
+    }
+    hint = next((text for kind, text in hints.items() if isinstance(err, kind)), err.strerror or str(err))
+    return f"{where}{hint} ({err.strerror or type(err).__name__})"
 
 
 if __name__ == "__main__":

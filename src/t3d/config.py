@@ -58,9 +58,18 @@ class PreprocessConfig:
     """``hu``: reject 8-bit exports and normalised floats with an error; ``raw``: trust the values as HU."""
     max_spacing_mm: float = 20.0
     """Spacings above this (or <= 0) are treated as corrupt headers and quarantined."""
+    max_voxels: int = 2**29
+    """Voxel budget per study: a header declaring more voxels, or a resampled grid larger than this, is quarantined
+    before anything is allocated (2**29 voxels = 2 GiB as float32; a 500 mm x 500 mm x 1.8 m body CT at
+    0.8 x 0.8 x 1.5 mm needs 0.47e9). A gate, not a setting of the output: not part of the cache hash."""
 
     def __post_init__(self) -> None:
         _check_choice("preprocess.intensity", self.intensity, ("hu", "raw"))
+        if self.max_voxels < 1 or self.max_spacing_mm <= 0:
+            raise ConfigError(
+                f"preprocess.max_voxels must be >= 1 and preprocess.max_spacing_mm > 0, got {self.max_voxels} and "
+                f"{self.max_spacing_mm}"
+            )
         if self.spacing is not None and any(s <= 0 for s in self.spacing):
             raise ConfigError(f"preprocess.spacing must be positive mm values or 'native', got {self.spacing}")
 
@@ -275,6 +284,12 @@ class LossConfig:
             raise ConfigError(f"loss.affinity_threshold is a cosine in (-1, 1], got {self.affinity_threshold}")
         if not 0 <= self.affinity_alpha < 1:
             raise ConfigError(f"loss.affinity_alpha must be in [0, 1), got {self.affinity_alpha}")
+        # Temperatures divide logits: zero or negative ones can only give NaN/inf losses.
+        for name in ("tau_view", "tau_align"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"loss.{name} must be > 0 (it divides the logits), got {getattr(self, name)}")
+        if self.mask_block < 1:
+            raise ConfigError(f"loss.mask_block must be >= 1 voxel, got {self.mask_block}")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {self.mask_ratio}")
 
@@ -316,6 +331,14 @@ class TrainConfig:
         _check_choice("train.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
         if self.steps < 1 or self.batch_size < 1 or self.accumulate < 1:
             raise ConfigError("train.steps, train.batch_size and train.accumulate must be >= 1")
+        for name in ("log_every", "checkpoint_every"):  # step % value: 0 is a division by zero
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.keep_checkpoints < 0 or not self.grad_clip >= 0:
+            raise ConfigError(
+                "train.lr must be > 0, train.warmup_steps, train.keep_checkpoints and train.grad_clip >= 0; got "
+                f"{self.lr}, {self.warmup_steps}, {self.keep_checkpoints}, {self.grad_clip}"
+            )
 
 
 @dataclass

@@ -58,12 +58,13 @@ def load_pretrained(path: str | Path) -> PretrainedEncoder:
     if path.suffix == ".safetensors":
         return read_export(path)
     ckpt = load_checkpoint(path)
-    if "config" not in ckpt or "model" not in ckpt:
+    cfg = ckpt.get("config")
+    if not isinstance(cfg, dict) or "model" not in ckpt or not {"model", "preprocess", "crops"} <= set(cfg):
+        kind = f" (a '{ckpt['kind']}' fine-tuning checkpoint)" if isinstance(ckpt.get("kind"), str) else ""
         raise ValueError(
-            f"{path} is not a t3d pre-training checkpoint (no 'config'/'model' entries); pass a run folder of "
-            "`t3d pretrain`, one of its checkpoints/*.pt, or a file written by `t3d export`"
+            f"{path} is not a t3d pre-training checkpoint{kind}; pass a run folder of `t3d pretrain`, one of its "
+            "checkpoints/*.pt, or a file written by `t3d export`"
         )
-    cfg = ckpt["config"]
     return PretrainedEncoder(
         state=encoder_state(ckpt["model"]),
         model=from_dict(ModelConfig, cfg["model"]),
@@ -141,8 +142,11 @@ def read_export(path: str | Path) -> PretrainedEncoder:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported encoder {path} does not exist")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as err:  # SafetensorError is no ValueError: a text or truncated file lands here
+        raise ValueError(f"{path} is not a safetensors file written by `t3d export` ({err})") from None
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} was not written by `t3d export` (metadata format={meta.get('format')!r})")
     model = from_dict(ModelConfig, json.loads(meta["model_config"]))

@@ -11,6 +11,12 @@ Layout of a cache folder::
       quarantine.json            studies that were rejected, with the reason
       summary.json               counts of the last run
 
+Many writers may share one cache (several manifests, ``--shard I/N`` jobs on several nodes): a study folder is
+built under a temporary name tagged with the writer's host and pid, and only that writer removes it, or a later
+run on the same host once that pid is gone; ``index.jsonl`` and ``quarantine.json`` are rewritten under an
+exclusive lock on ``CACHE/.lock`` (``fcntl.flock``; on NFS/Lustre the mount must support it) as the union of what
+the cache holds, so one run never drops another's studies from the index.
+
 Why uncompressed ``.npy`` read through a memory map: a random 96³ crop touches 96 short runs per slab, and the
 OS page cache serves them without decoding the whole volume (``benchmarks/crops.py`` measures this against the
 usual NIfTI pipeline). Each study folder is written under a temporary name and renamed into place in one step,
@@ -19,17 +25,23 @@ so a killed run never leaves an entry that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+TMP_SEP = "~"
+"""Separates the fields of a temporary's name (``.tmp~host~pid~random~key``); never in a key or a host name."""
 AIR_HU = -1024
 FOREGROUND_HU = -500
 MAX_FG_POINTS = 20000
@@ -127,7 +139,7 @@ class StudyCache:
             raise ValueError(f"study '{meta.id}': cache images are int16 (X, Y, Z), got {image.dtype} {image.shape}")
         self.studies.mkdir(parents=True, exist_ok=True)
         final = self.studies / meta.key
-        tmp = self.studies / f".tmp-{meta.key}-{uuid.uuid4().hex[:8]}"
+        tmp = self.studies / _temporary_name(".tmp", meta.key)
         tmp.mkdir()
         try:
             np.save(tmp / "image.npy", np.ascontiguousarray(image))
@@ -140,25 +152,52 @@ class StudyCache:
             _fsync_dir(tmp)
             if final.exists():
                 # Replace a stale entry: move it aside first so that at no moment is a half entry in place.
-                trash = self.studies / f".old-{meta.key}-{uuid.uuid4().hex[:8]}"
+                trash = self.studies / _temporary_name(".old", meta.key)
                 final.rename(trash)
-                tmp.rename(final)
+                _rename_unless_written(tmp, final)
                 shutil.rmtree(trash, ignore_errors=True)
             else:
-                tmp.rename(final)
+                _rename_unless_written(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
 
     def clean_temporaries(self) -> int:
-        """Remove folders left by a killed run (they were never renamed into place). Returns how many."""
+        """Remove folders left by killed runs on this host (their pid is gone). Returns how many.
+
+        A temporary of a live writer, or of a writer on another host (whose pids mean nothing here), is left alone.
+        """
         if not self.studies.is_dir():
             return 0
-        stale = [p for p in self.studies.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+        stale = [p for p in self.studies.iterdir() if _abandoned(p.name)]
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return len(stale)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock on the cache's shared files (index, quarantine), across processes and hosts."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def owner(self, key: str) -> str | None:
+        """The study id a complete entry holds, or None (absent, incomplete or unreadable)."""
+        try:
+            return json.loads((self.studies / key / "meta.json").read_text())["id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def remove_study(self, key: str) -> None:
+        """Delete one entry: renamed aside first, so no reader ever sees half of it."""
+        trash = self.studies / _temporary_name(".old", key)
+        (self.studies / key).rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def write_json(self, name: str, data: Any) -> None:
         write_json_atomic(self.root / name, data)
@@ -169,6 +208,36 @@ class StudyCache:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(self.root / "index.jsonl")
+
+
+def _temporary_name(prefix: str, key: str) -> str:
+    return TMP_SEP.join((prefix, socket.gethostname(), str(os.getpid()), uuid.uuid4().hex[:8], key))
+
+
+def _abandoned(name: str) -> bool:
+    """True for a temporary whose writer ran on this host and is gone."""
+    fields = name.split(TMP_SEP)
+    if len(fields) != 5 or fields[0] not in (".tmp", ".old"):
+        return False
+    if fields[1] != socket.gethostname() or not fields[2].isdigit():
+        return False
+    try:
+        os.kill(int(fields[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by another user
+        return False
+    return False
+
+
+def _rename_unless_written(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; when a concurrent writer put the same study there first, keep theirs."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def foreground_points(image: np.ndarray, seed: int = 0, threshold: float = FOREGROUND_HU) -> np.ndarray:

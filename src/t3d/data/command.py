@@ -24,4 +24,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--label-key", help="manifest column holding label paths (default: 'label' if present)")
     parser.add_argument("--verify", action="store_true", help="hash every source, ignoring the size+mtime shortcut")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shard", help="I/N: process only shard I (0 <= I < N) of the manifest, e.g. one task of a SLURM array"
+    )
+    parser.add_argument("--prune", action="store_true", help="remove cached studies that are not in this manifest")
     parser.set_defaults(func="t3d.data.preprocess:run_command", accepts_overrides=True)

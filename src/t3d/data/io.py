@@ -4,7 +4,7 @@ Every reader returns data indexed (x, y, z) with a voxel -> RAS world (mm) affin
 
 =================  ===========================================================================
 NIfTI .nii(.gz)    ``monai.data.NibabelReader`` (affine as stored: NIfTI world is RAS)
-NRRD .nrrd         ``monai.data.NrrdReader`` (pynrrd; LPS headers converted to RAS)
+NRRD .nrrd/.nhdr   ``monai.data.NrrdReader`` (pynrrd; LPS headers converted to RAS; .nhdr: detached data)
 MHA/MHD            ``SimpleITKReader`` below (MONAI's ITKReader needs the 1.5 GB ``itk`` package)
 DICOM folder       ``monai.data.PydicomReader`` after checking the folder holds one evenly spaced series
 =================  ===========================================================================
@@ -18,7 +18,6 @@ on with the others.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,20 +32,12 @@ from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 from nibabel.openers import ImageOpener
 
-FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".mha": "itk", ".mhd": "itk"}
+from t3d.config import PreprocessConfig
+from t3d.data.sources import StudyError, check_declared_size, source_files
+
+FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "itk", ".mhd": "itk"}
+DEFAULT_MAX_VOXELS = PreprocessConfig.max_voxels  # the config's default budget, for callers without a config
 MAX_SLICE_GAP_RATIO = 1.1  # DICOM slice gaps may differ by 10 % (rounding) before we call the series uneven
-
-
-class StudyError(ValueError):
-    """Something is wrong with one study; it is quarantined with this message and the run goes on."""
-
-    def __init__(self, message: str, kind: str = "unreadable"):
-        super().__init__(message)
-        self.kind = kind
-        """Short category ("2D image", "non-finite voxels", ...) used to count reasons in the summary."""
-
-    def __reduce__(self):  # keep ``kind`` when sent back from a worker process
-        return (StudyError, (str(self), self.kind))
 
 
 def image_format(path: Path) -> str:
@@ -63,22 +54,26 @@ def image_format(path: Path) -> str:
     )
 
 
-def read_image(path: str | Path, what: str = "image") -> MetaTensor:
+def read_image(
+    path: str | Path, what: str = "image", max_voxels: int = DEFAULT_MAX_VOXELS, root: Path | None = None
+) -> MetaTensor:
     """Read a 3D image as float32 (1, X, Y, Z) with ``.affine`` voxel -> RAS mm.
 
     2D images (fewer than three axes longer than one voxel) and 4D images (a channel/time axis longer than one)
-    raise StudyError; so do missing and unreadable files (``what`` names the role in messages).
+    raise StudyError; so do missing and unreadable files (``what`` names the role in messages), files that are
+    not regular files or lie outside ``root`` (see ``t3d.data.sources``), and headers that declare more than
+    ``max_voxels`` voxels or more bytes than the file holds -- checked before anything is allocated.
     """
     path = Path(path)
-    if not path.exists():
-        raise StudyError(f"{what} not found: {path}", kind="missing file")
+    source_files(path, root, what)  # regular files inside the root, or StudyError before opening any
     kind = image_format(path)
+    check_declared_size(path, kind, max_voxels, what)
     if kind == "nifti":
         _check_nifti_pixdim(path)
     if kind == "nrrd":
         _check_nrrd_header(path)
     if kind == "dicom":
-        dicom_series_files(path)
+        dicom_series_files(path, max_voxels)
     primary = {
         "nifti": NibabelReader(),
         "nrrd": NrrdReader(),
@@ -166,11 +161,12 @@ def _check_nifti_pixdim(path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- DICOM
 
 
-def dicom_series_files(folder: Path) -> list[Path]:
+def dicom_series_files(folder: Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> list[Path]:
     """The DICOM image files of ``folder`` after checking they form one evenly spaced series.
 
     Raises StudyError when the folder holds several series (naming their SeriesInstanceUIDs), no DICOM image, a
-    single slice, or slices whose positions are missing, repeated or unevenly spaced (missing slices).
+    single slice, slices whose positions are missing, repeated or unevenly spaced (missing slices), or when the
+    slices declare more than ``max_voxels`` voxels together or more pixel bytes than an uncompressed file holds.
     """
     headers = []
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
@@ -193,8 +189,33 @@ def dicom_series_files(folder: Path) -> list[Path]:
         )
     if len(headers) < 2:
         raise StudyError(f"DICOM folder {folder} holds a single slice (2D); t3d needs a 3D series", kind="2D image")
+    _check_slice_sizes(folder, headers, max_voxels)
     _check_slice_positions(folder, [ds for _, ds in headers])
     return [file for file, _ in headers]
+
+
+def _check_slice_sizes(folder: Path, headers: list, max_voxels: int) -> None:
+    """Rows x Columns x frames per slice against the budget and, uncompressed, against each file's bytes."""
+    total = 0
+    for file, ds in headers:
+        try:
+            voxels = int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1) or 1)
+            nbytes = voxels * int(ds.get("SamplesPerPixel", 1)) * max(int(ds.get("BitsAllocated", 8)), 8) // 8
+        except (TypeError, ValueError):
+            raise StudyError(f"DICOM file {file}: unreadable Rows/Columns", kind="unreadable") from None
+        total += voxels
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        if syntax is not None and not syntax.is_compressed and nbytes > file.stat().st_size:
+            raise StudyError(
+                f"DICOM file {file}: header declares {ds.Rows}x{ds.Columns} pixels ({nbytes} bytes) but the file "
+                f"holds {file.stat().st_size} bytes; the file is truncated or corrupt: re-export the series",
+                kind="truncated file",
+            )
+    if total > max_voxels:
+        raise StudyError(
+            f"DICOM folder {folder}: slices declare {total:.3g} voxels, above preprocess.max_voxels={max_voxels:.3g}",
+            kind="too large",
+        )
 
 
 def _check_slice_positions(folder: Path, slices: list) -> None:
@@ -292,33 +313,3 @@ class SimpleITKReader(ImageReader):
             }
         )
         return meta
-
-
-# ----------------------------------------------------------------------------------------------- fingerprints
-
-
-def source_files(path: Path) -> list[Path]:
-    """The files whose bytes define a study's image: the file itself, or every file of a DICOM folder."""
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file())
-    return [path]
-
-
-def content_hash(files: Sequence[Path], chunk: int = 1 << 20) -> str:
-    """sha256 over the names (relative order) and bytes of ``files``."""
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode("utf-8", "surrogateescape") + b"\0")
-        with file.open("rb") as fh:
-            while block := fh.read(chunk):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def stat_fingerprint(files: Sequence[Path]) -> str:
-    """A cheap stand-in for ``content_hash``: sha256 of each file's path, size and mtime (ns)."""
-    digest = hashlib.sha256()
-    for file in files:
-        st = file.stat()
-        digest.update(f"{file}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()

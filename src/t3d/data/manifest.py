@@ -4,7 +4,7 @@ Accepted layouts::
 
     JSONL / CSV / TSV   id, image, report            (or findings and/or impression instead of report)
                         optional: label (segmentation map on the image grid), any other column (kept as extra)
-    CT-RATE CSV         VolumeName, Findings_EN, Impressions_EN   (id = VolumeName without .nii.gz)
+    CT-RATE CSV         VolumeName, Findings_EN, Impressions_EN   (id: see ``ctrate_id``)
 
 Relative paths resolve against the data root (default: the manifest's folder). Problems with the manifest as a whole
 (unknown format, missing columns, duplicate ids, rows without id or image, malformed JSON) raise ``ManifestError``
@@ -58,6 +58,8 @@ class Study:
     """Non-empty when this study must be quarantined before reading it (the reason, for people)."""
     problem_kind: str = ""
     """Short category of ``problem`` used to count reasons in the summary."""
+    root: Path | None = None
+    """The data root: every file the study is read from (header-referenced data, DICOM slices) must lie in it."""
 
 
 def read_manifest(path: str | Path, root: str | Path | None = None, label_key: str | None = None) -> list[Study]:
@@ -102,15 +104,48 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     text = path.read_bytes().removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="surrogateescape")
     if suffix in (".jsonl", ".ndjson"):
         return _jsonl_rows(path, text)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-    if not reader.fieldnames:
-        raise ManifestError(f"manifest {path} is empty; expected a header row (id, image, report)")
+    delimiter = "\t" if suffix == ".tsv" else ","
+    # strict: a quote that is not followed by the delimiter is an error, not the start of a cell that silently
+    # swallows the rows after it.
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows = []
-    for row in reader:
-        if None in row:  # more cells than header columns
-            raise ManifestError(f"manifest {path} line {reader.line_num}: more cells than header columns")
-        rows.append((reader.line_num, {k.strip(): v for k, v in row.items()}))
+    try:
+        if not reader.fieldnames:
+            raise ManifestError(f"manifest {path} is empty; expected a header row (id, image, report)")
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise ManifestError(f"manifest {path} line {reader.line_num}: more cells than header columns")
+            rows.append((reader.line_num, {k.strip(): v for k, v in row.items()}))
+    except csv.Error as err:
+        raise ManifestError(f"manifest {path} line {reader.line_num + 1}: {err}; {UNBALANCED_QUOTE}") from None
+    _check_swallowed_rows(path, rows, [c.strip() for c in reader.fieldnames], delimiter)
     return rows
+
+
+UNBALANCED_QUOTE = (
+    "a quote is probably unbalanced: a quoted cell ends with a quote followed by the delimiter, and a quote inside "
+    'a cell is written twice ("")'
+)
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def _check_swallowed_rows(path: Path, rows: list, columns: list[str], delimiter: str) -> None:
+    """ManifestError when a multi-line cell holds lines that look like manifest rows (an image path in the image
+    column's position): an unbalanced quote that the strict parser could not see swallowed them."""
+    image_col = next((columns.index(c) for c in ("image", "VolumeName") if c in columns), None)
+    if image_col is None:
+        return
+    for line, row in rows:
+        for value in row.values():
+            if not isinstance(value, str) or "\n" not in value:
+                continue
+            for extra in value.splitlines()[1:]:
+                cells = extra.split(delimiter)
+                if len(cells) > image_col and cells[image_col].strip().strip('"').lower().endswith(IMAGE_SUFFIXES):
+                    raise ManifestError(
+                        f"manifest {path} line {line}: a quoted cell runs over several lines and holds what looks "
+                        f"like another row ({extra[:80]!r}); {UNBALANCED_QUOTE}"
+                    )
 
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
@@ -195,7 +230,7 @@ def _generic_study(row: dict[str, Any], line: int, resolver: _PathResolver, labe
 def _ctrate_study(row: dict[str, Any], line: int, resolver: _PathResolver) -> Study:
     name = _text(row.get("VolumeName"))
     study = Study(
-        id=re.sub(r"\.nii(\.gz)?$", "", name),
+        id=ctrate_id(name),
         image=resolver.ctrate(name),
         findings=_text(row.get("Findings_EN")),
         impression=_text(row.get("Impressions_EN")),
@@ -204,6 +239,35 @@ def _ctrate_study(row: dict[str, Any], line: int, resolver: _PathResolver) -> St
     )
     _finish(study, row, resolver)
     return study
+
+
+ID_RULE = (
+    "how ids are made: an 'id' column is used as written; a CT-RATE VolumeName and an MSD image path give the file "
+    "name without folders and without .nii/.nii.gz (volumes/x_1.nii.gz -> x_1); split files and labels tables must "
+    "use those ids"
+)
+
+
+def id_mismatch(have: list[str], wanted: list[str], have_what: str, wanted_what: str) -> str:
+    """A message for ids that do not meet: examples from both sides and the id rule."""
+    missing = [i for i in wanted if i not in set(have)]
+
+    def examples(ids: list[str]) -> str:
+        return ", ".join(repr(i) for i in ids[:3]) + (", ..." if len(ids) > 3 else "") if ids else "none"
+
+    return (
+        f"{len(missing)} of the {len(wanted)} ids of {wanted_what} are not among the {len(have)} ids of "
+        f"{have_what}; {wanted_what}: {examples(missing)}; {have_what}: {examples(list(have))}; {ID_RULE}"
+    )
+
+
+def ctrate_id(volume_name: str) -> str:
+    """The study id of a CT-RATE ``VolumeName``: the file name without folders and without ``.nii``/``.nii.gz``.
+
+    ``volumes/train_1_a_1.nii.gz``, ``train_1_a_1.nii.gz`` and ``train_1_a_1`` are one study, ``train_1_a_1``: a
+    folder in the path never makes the same scan two studies, and labels tables and split files name it alike.
+    """
+    return re.sub(r"\.nii(\.gz)?$", "", volume_name.replace("\\", "/").rsplit("/", 1)[-1])
 
 
 def _finish(study: Study, row: dict[str, Any], resolver: _PathResolver) -> None:
@@ -224,8 +288,11 @@ def _finish(study: Study, row: dict[str, Any], resolver: _PathResolver) -> None:
         study.image = Path(_SURROGATE.sub("\ufffd", str(study.image)))  # printable in quarantine.json
         for name in ("findings", "impression", "report"):
             setattr(study, name, _SURROGATE.sub("\ufffd", getattr(study, name)))
+    study.root = resolver.root
     for kind, path in (("image", study.image), ("label", study.label)):
-        if path is not None and not resolver.inside(path):
+        if path is not None and resolver.loops(path):
+            problems.append((f"{kind} path {path} is a symlink loop; point the link at a real file", "symlink loop"))
+        elif path is not None and not resolver.inside(path):
             problems.append(
                 (
                     f"{kind} path {path} is outside the data root {resolver.root} (via '..', an absolute path or a "
@@ -264,6 +331,15 @@ class _PathResolver:
     def inside(self, path: Path) -> bool:
         """True when ``path`` (symlinks resolved) lies under the data root."""
         return path.resolve().is_relative_to(self._real_root)
+
+    @staticmethod
+    def loops(path: Path) -> bool:
+        """True when resolving ``path`` runs into a symlink loop."""
+        try:
+            path.resolve(strict=False)
+        except (RuntimeError, OSError):  # RuntimeError up to Python 3.12, OSError(ELOOP) from 3.13
+            return True
+        return False
 
     def ctrate(self, name: str) -> Path:
         direct = self.root / name

@@ -11,15 +11,28 @@ over a manifest:
   paths, sizes and mtimes recorded when it was hashed (``source_stat``) is skipped without re-hashing; ``--verify``
   hashes everything (the hash is the truth; the stat shortcut only trusts that nobody rewrote a file in place
   while keeping its size and mtime). Each study is written under a temporary name and renamed into place, and
-  temporaries left by a killed run are removed at start, so a killed run resumes where it stopped.
-* **Bad studies never stop the run.** They go to ``CACHE/quarantine.json`` ({id, image, reason, kind}); the rest
-  are processed. Problems with the manifest as a whole (unknown format, missing columns, duplicate ids, rows
-  without id or image) stop the run before anything is written -- for duplicate ids we refuse rather than guess
-  which row is right, so nothing is silently dropped.
+  temporaries left by a killed run on this host are removed at start, so a killed run resumes where it stopped.
+* **One cache, many runs.** ``index.jsonl`` is the union of the cache: a second manifest adds its studies, and
+  ``--prune`` (explicit) removes cached studies that are not in the current manifest. ``--shard I/N`` processes
+  the studies whose id hashes to I (0 <= I < N): N jobs (a SLURM array) fill one cache, concurrently.
+* **Bad studies never stop the run.** Any error while reading, checking or converting one study quarantines it in
+  ``CACHE/quarantine.json`` ({id, image, reason, kind}, the reason one line naming the file); the rest are
+  processed. Headers are checked against the file's bytes and ``preprocess.max_voxels`` before anything is
+  allocated, FIFOs and devices are refused unopened, and every file read (header-referenced data, DICOM slices,
+  symlink targets) must lie inside the data root (``t3d.data.sources``). The outputs are written also when the
+  run stops early (Ctrl-C, a dead worker); studies not reached count as ``pending``. Problems with the
+  manifest as a whole (unknown format, missing columns, duplicate ids, rows without id or image) stop the run
+  before anything is written -- for duplicate ids we refuse rather than guess which row is right, so nothing is
+  silently dropped.
 * **Sources are only read.** Report text is patient data: it goes to ``index.jsonl`` and is never logged.
 
-Outputs: ``index.jsonl`` (one row per cached study of this manifest, in manifest order: id, key, findings,
-impression, report, image, label and the extra manifest columns), ``quarantine.json``, ``summary.json``.
+Outputs: ``index.jsonl`` (one row per cached study: this manifest's in manifest order, then the cache's others; id,
+key, findings, impression, report, image, label and the extra manifest columns), ``quarantine.json``,
+``summary.json`` (this run's counts).
+
+Study ids: a manifest's ``id`` column is the id as written; a CT-RATE ``VolumeName`` gives the file name without
+folders and without ``.nii``/``.nii.gz`` (``volumes/train_1_a_1.nii.gz`` -> ``train_1_a_1``), so a folder never
+makes one scan two studies. Labels tables and split files must use these ids.
 """
 
 from __future__ import annotations
@@ -28,43 +41,24 @@ import argparse
 import hashlib
 import json
 import logging
-import multiprocessing
+import os
 import time
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from t3d.config import ConfigError, PreprocessConfig, PretrainConfig, load_config
 from t3d.data.cache import StudyCache, StudyMeta, safe_key, write_json_atomic
-from t3d.data.io import StudyError, content_hash, image_format, source_files, stat_fingerprint
+from t3d.data.io import image_format
 from t3d.data.manifest import Study, read_manifest
+from t3d.data.pool import run_in_pool
+from t3d.data.records import Outcome, format_summary, write_outputs
+from t3d.data.sources import StudyError, content_hash, source_files, stat_fingerprint
 from t3d.data.volume import prepare_study, settings_of
 
 log = logging.getLogger(__name__)
-
-START_METHOD = "forkserver"
-"""How worker processes start. Not ``fork``: forking a process that already ran torch/OpenMP threads can deadlock
-the children. The fork server imports this module once and workers fork from it, instead of each importing MONAI
-(several seconds) as with ``spawn``."""
-
-
-@dataclass
-class Outcome:
-    """What happened to one study in this run."""
-
-    id: str
-    key: str
-    status: str
-    """``processed``, ``skipped`` (unchanged since the last run) or ``quarantined``."""
-    reason: str = ""
-    kind: str = ""
-    seconds: float = 0.0
 
 
 def preprocess_manifest(
@@ -76,22 +70,27 @@ def preprocess_manifest(
     label_key: str | None = None,
     verify: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    prune: bool = False,
 ) -> dict[str, Any]:
     """Preprocess every study of ``manifest`` into the cache folder ``out``; return the run summary.
 
     ``root``: folder relative paths resolve against (default: the manifest's folder); ``workers``: processes
     (1 = in this process); ``label_key``: manifest column with label paths; ``verify``: hash every source
-    instead of trusting unchanged size + mtime. Raises ManifestError for a manifest that cannot be used.
+    instead of trusting unchanged size + mtime; ``shard`` (I, N): process only the studies of shard I of N;
+    ``prune``: remove cached studies that are not in this manifest. Raises ManifestError for a manifest that cannot
+    be used. The outputs are written even when processing stops early (KeyboardInterrupt, a dead worker).
     """
     start = time.perf_counter()
     cfg = cfg or PreprocessConfig()
-    studies = read_manifest(manifest, root=root, label_key=label_key)
     cache = StudyCache(out)
-    cache.root.mkdir(parents=True, exist_ok=True)
+    check_out(cache.root)
+    every = read_manifest(manifest, root=root, label_key=label_key)
+    keys = assign_keys(every)  # over the whole manifest: every shard names a study's folder alike
+    studies = [study for study in every if shard_of(study.id, shard[1]) == shard[0]]
     cleaned = cache.clean_temporaries()
     if cleaned:
         log.info("removed %d unfinished study folder(s) left by an earlier run", cleaned)
-    keys = assign_keys(studies)
     outcomes: dict[str, Outcome] = {}
     todo = []
     for study in studies:
@@ -102,9 +101,43 @@ def preprocess_manifest(
             outcomes[study.id] = Outcome(study.id, key, "skipped")
         else:
             todo.append((study, key))
-    for outcome in run_studies(todo, cfg, cache.root, workers, progress):
-        outcomes[outcome.id] = outcome
-    return write_outputs(cache, studies, outcomes, cfg, manifest, workers, time.perf_counter() - start)
+    try:
+        run_studies(todo, cfg, cache.root, workers, progress, outcomes)
+    finally:  # also on Ctrl-C: what finished is indexed, the rest is pending
+        seconds = time.perf_counter() - start
+        keep = keys if prune else None
+        summary = write_outputs(cache, studies, outcomes, cfg, manifest, workers, seconds, shard, keep)
+    return summary
+
+
+def check_out(out: Path) -> None:
+    """ConfigError unless ``out`` is (or can become) a writable folder."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; pass a folder for the cache")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the cache folder {out} ({err.strerror}); pass a writable --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"cache folder {out} is not writable; pass a writable --out or fix its permissions")
+
+
+def shard_of(study_id: str, shards: int) -> int:
+    """The shard (0..shards-1) a study belongs to: a hash of its id, stable across manifest edits and hosts."""
+    return int(hashlib.sha256(study_id.encode("utf-8", "replace")).hexdigest()[:12], 16) % shards
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; ConfigError otherwise."""
+    if not text:
+        return 0, 1
+    index, _, total = text.partition("/")
+    if not (index.isdigit() and total.isdigit()) or not 0 <= int(index) < int(total):
+        raise ConfigError(
+            f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4 "
+            "(in a SLURM array: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-3)"
+        )
+    return int(index), int(total)
 
 
 # ----------------------------------------------------------------------------------------------- planning
@@ -148,16 +181,16 @@ def cached_meta(cache: StudyCache, key: str) -> StudyMeta | None:
 
 
 def study_files(study: Study) -> tuple[list[Path], list[Path]]:
-    """Source files of the image and of the label (StudyError when missing or of unknown format)."""
+    """Every file the image and the label are read from (StudyError when missing, not regular, outside the data
+    root, or of unknown format)."""
     found = []
     for path, what in ((study.image, "image"), (study.label, "label")):
         if path is None:
             found.append([])
             continue
-        if not path.exists():
-            raise StudyError(f"{what} not found: {path}", kind="missing file")
+        files = source_files(path, study.root, what)
         image_format(path)
-        found.append(source_files(path))
+        found.append(files)
     return found[0], found[1]
 
 
@@ -171,7 +204,11 @@ def study_hash(image_files: list[Path], label_files: list[Path], settings: dict[
 
 
 def process_study(study: Study, key: str, cfg: PreprocessConfig, cache_root: str | Path) -> Outcome:
-    """Hash the sources; skip if unchanged, else prepare the volume and write it atomically (worker entry)."""
+    """Hash the sources; skip if unchanged, else prepare the volume and write it atomically (worker entry).
+
+    Any error of reading, checking or converting the study quarantines it (one line naming the file); errors of
+    writing the cache (disk full, permissions) are not the study's and stop the run.
+    """
     start = time.perf_counter()
     cache = StudyCache(cache_root)
     try:
@@ -188,6 +225,10 @@ def process_study(study: Study, key: str, cfg: PreprocessConfig, cache_root: str
         volume, label, meta = prepare_study(study, cfg)
     except StudyError as err:
         return Outcome(study.id, key, "quarantined", str(err), err.kind, time.perf_counter() - start)
+    except Exception as err:  # a reader's or transform's own error on this study's data
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        reason = f"cannot process {study.image} ({type(err).__name__}: {first}); check or re-export the file"
+        return Outcome(study.id, key, "quarantined", reason, "unreadable", time.perf_counter() - start)
     meta.key, meta.source_hash, meta.source_stat = key, digest, stat
     seed = int(hashlib.sha256(study.id.encode("utf-8", "replace")).hexdigest()[:8], 16)
     cache.write_study(meta, volume, label, rng_seed=seed)
@@ -195,109 +236,35 @@ def process_study(study: Study, key: str, cfg: PreprocessConfig, cache_root: str
 
 
 def run_studies(
-    todo: list[tuple[Study, str]], cfg: PreprocessConfig, cache_root: Path, workers: int, progress: bool
-) -> list[Outcome]:
-    """Process ``todo`` in this process (workers <= 1) or in a pool of spawned processes, with a progress bar."""
+    todo: list[tuple[Study, str]],
+    cfg: PreprocessConfig,
+    cache_root: Path,
+    workers: int,
+    progress: bool,
+    outcomes: dict[str, Outcome],
+) -> None:
+    """Process ``todo`` in this process (workers <= 1) or in a pool of worker processes, with a progress bar;
+    each outcome lands in ``outcomes`` as soon as it is known (so an interrupted run keeps them)."""
     bar = tqdm(total=len(todo), desc="preprocess", unit="study", disable=None if progress else True)
-    outcomes = []
     try:
         if workers <= 1 or len(todo) <= 1:
             for study, key in todo:
-                outcomes.append(process_study(study, key, cfg, cache_root))
+                outcome = process_study(study, key, cfg, cache_root)
+                outcomes[outcome.id] = outcome
                 bar.update()
-            return outcomes
-        context = multiprocessing.get_context(START_METHOD)
-        if START_METHOD == "forkserver":
-            context.set_forkserver_preload([__name__])
-        pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker)
+            return
+        jobs = [(study, key, cfg, cache_root) for study, key in todo]
         try:
-            futures = [pool.submit(process_study, study, key, cfg, cache_root) for study, key in todo]
-            for future in as_completed(futures):
-                outcomes.append(future.result())
+            for outcome in run_in_pool(process_study, jobs, min(workers, len(todo)), [__name__]):
+                outcomes[outcome.id] = outcome
                 bar.update()
         except BrokenProcessPool:
             raise RuntimeError(
-                "a preprocessing worker died (out of memory?); studies finished so far are kept: "
+                "a preprocessing worker died (out of memory?); studies finished so far are kept and indexed: "
                 "rerun with fewer --workers to resume"
             ) from None
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return outcomes
     finally:
         bar.close()
-
-
-def _init_worker() -> None:
-    torch.set_num_threads(1)  # K workers x 1 thread: resampling parallelises over studies, not voxels
-
-
-# ----------------------------------------------------------------------------------------------- outputs
-
-
-def write_outputs(
-    cache: StudyCache,
-    studies: list[Study],
-    outcomes: dict[str, Outcome],
-    cfg: PreprocessConfig,
-    manifest: str | Path,
-    workers: int,
-    seconds: float,
-) -> dict[str, Any]:
-    """Write index.jsonl, quarantine.json and summary.json; return the summary."""
-    rows, quarantine = [], []
-    for study in studies:
-        outcome = outcomes[study.id]
-        if outcome.status == "quarantined":
-            row = {"id": study.id, "image": str(study.image), "reason": outcome.reason, "kind": outcome.kind}
-            quarantine.append(row)
-            continue
-        rows.append(
-            {
-                **study.extra,
-                "id": study.id,
-                "key": outcome.key,
-                "findings": study.findings,
-                "impression": study.impression,
-                "report": study.report,
-                "image": str(study.image),
-                "label": str(study.label) if study.label else None,
-            }
-        )
-    cache.write_index(rows)
-    cache.write_json("quarantine.json", quarantine)
-    counts = Counter(o.status for o in outcomes.values())
-    processed = [o.seconds for o in outcomes.values() if o.status == "processed"]
-    summary = {
-        "manifest": str(Path(manifest).absolute()),
-        "cache": str(cache.root.absolute()),
-        "total": len(studies),
-        "processed": counts["processed"],
-        "skipped": counts["skipped"],
-        "quarantined": counts["quarantined"],
-        "reasons": dict(Counter(o.kind for o in outcomes.values() if o.status == "quarantined").most_common()),
-        "workers": workers,
-        "seconds": round(seconds, 3),
-        "seconds_per_processed_study": round(sum(processed) / len(processed), 3) if processed else None,
-        "preprocess": settings_of(cfg),
-    }
-    cache.write_json("summary.json", summary)
-    log.info("preprocess: %(processed)d processed, %(skipped)d skipped, %(quarantined)d quarantined", summary)
-    return summary
-
-
-def format_summary(summary: dict[str, Any], quarantine: list[dict[str, Any]], shown: int = 10) -> str:
-    """The human-readable summary printed by the command (ids and reasons only: never report text)."""
-    lines = [
-        f"{summary['total']} studies -> {summary['cache']}: {summary['processed']} processed, "
-        f"{summary['skipped']} skipped (unchanged), {summary['quarantined']} quarantined in {summary['seconds']:.1f} s"
-    ]
-    if quarantine:
-        lines.append("quarantined: " + ", ".join(f"{n} {kind}" for kind, n in summary["reasons"].items()))
-        lines += [f"  {row['id']}: {row['reason']}" for row in quarantine[:shown]]
-        if len(quarantine) > shown:
-            lines.append(f"  ... {len(quarantine) - shown} more")
-        lines.append(f"  (all of them in {Path(summary['cache']) / 'quarantine.json'})")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- command
@@ -321,6 +288,8 @@ def run_command(args: argparse.Namespace) -> int:
         label_key=args.label_key,
         verify=args.verify,
         progress=not args.quiet,
+        shard=parse_shard(args.shard),
+        prune=args.prune,
     )
     quarantine = json.loads((Path(out) / "quarantine.json").read_text(encoding="utf-8"))
     print(format_summary(summary, quarantine))

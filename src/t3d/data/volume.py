@@ -26,14 +26,14 @@ from t3d.data.manifest import Study
 
 PIPELINE_VERSION = 1
 """Bump when the output changes for the same settings: every cached study is then re-processed."""
-MAX_OUTPUT_VOXELS = 1024**3
-"""A resampled volume above this (4 GiB as float32) means a corrupt header; it is quarantined, not attempted."""
 AXIS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
 def settings_of(cfg: PreprocessConfig) -> dict[str, Any]:
     """The preprocessing settings that define the cached output (stored in meta, part of the hash)."""
-    return {**to_dict(cfg), "pipeline": PIPELINE_VERSION}
+    settings = {**to_dict(cfg), "pipeline": PIPELINE_VERSION}
+    settings.pop("max_voxels")  # a gate on input, not a property of the output
+    return settings
 
 
 def prepare_study(study: Study, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray | None, StudyMeta]:
@@ -41,7 +41,8 @@ def prepare_study(study: Study, cfg: PreprocessConfig) -> tuple[np.ndarray, np.n
 
     Returns int16 HU (X, Y, Z), the optional uint8 label on the same grid, and the StudyMeta (without key, hashes).
     """
-    image = read_image(study.image)  # (1, X, Y, Z) float32, affine voxel -> RAS mm
+    # (1, X, Y, Z) float32, affine voxel -> RAS mm; every file read is checked against the root and the budget
+    image = read_image(study.image, max_voxels=cfg.max_voxels, root=study.root)
     original_shape = tuple(int(s) for s in image.shape[1:])
     original_affine = np.asarray(image.affine, dtype=np.float64)
     original_spacing = check_spacing(original_affine, cfg, study.image)
@@ -49,7 +50,7 @@ def prepare_study(study: Study, cfg: PreprocessConfig) -> tuple[np.ndarray, np.n
     if rescale is not None and cfg.intensity == "hu" and needs_rescale(image.numpy()):
         image = image * rescale[0] + rescale[1]  # stored values -> HU (CT-RATE ships them separately)
     check_hu(image.numpy(), study.image, cfg.intensity)
-    label = read_label(study.label, image) if study.label else None
+    label = read_label(study.label, image, cfg.max_voxels, study.root) if study.label else None
     image, label = resample(image, label, cfg, study.image)
     volume, label_map, affine, pad = pad_to_min_size(
         image.numpy()[0], None if label is None else label.numpy()[0], np.asarray(image.affine), cfg.min_size
@@ -84,12 +85,19 @@ def check_spacing(affine: np.ndarray, cfg: PreprocessConfig, source: Path) -> np
             f"or above preprocess.max_spacing_mm={cfg.max_spacing_mm:g}); the header is corrupt: fix or re-export it",
             kind="absurd spacing",
         )
+    # Parallel or zero axes: no orientation exists (MONAI's Orientation fails with "Unable to find out axis").
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * float(np.prod(spacing)):
+        raise StudyError(
+            f"{source}: the voxel-to-world affine is singular (two axes point the same way); the header is corrupt: "
+            "fix or re-export it",
+            kind="absurd spacing",
+        )
     return spacing
 
 
-def read_label(path: Path, image: MetaTensor) -> MetaTensor:
+def read_label(path: Path, image: MetaTensor, max_voxels: int, root: Path | None = None) -> MetaTensor:
     """Read a label map that must share the image's grid and hold class indices 0..255."""
-    label = read_image(path, what="label")
+    label = read_image(path, what="label", max_voxels=max_voxels, root=root)
     if label.shape != image.shape or not np.allclose(label.affine, image.affine, rtol=0, atol=1e-3):
         raise StudyError(
             f"label {path} is on another grid than its image (shape {tuple(label.shape[1:])} vs "
@@ -115,11 +123,12 @@ def resample(
         return image, label
     current = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0)
     voxels = float(np.prod(np.ceil(np.asarray(image.shape[1:]) * current / np.asarray(cfg.spacing))))
-    if voxels > MAX_OUTPUT_VOXELS:
+    if voxels > cfg.max_voxels:  # checked before resampling allocates the output grid
         raise StudyError(
             f"{source}: resampling {tuple(image.shape[1:])} voxels of {tuple(np.round(current, 4))} mm to "
-            f"{cfg.spacing} mm gives {voxels:.3g} voxels; check the header spacing",
-            kind="absurd spacing",
+            f"{cfg.spacing} mm gives {voxels:.3g} voxels, above preprocess.max_voxels={cfg.max_voxels:.3g}; check "
+            "the header spacing, or raise the budget",
+            kind="too large",
         )
     image = Spacing(pixdim=cfg.spacing, mode="bilinear", padding_mode="border", dtype=torch.float32)(image)
     if label is not None:

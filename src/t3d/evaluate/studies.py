@@ -50,7 +50,10 @@ def read_split(path: str | Path, name: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
-    splits = json.loads(path.read_text())
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f'split file {path} is not valid JSON ({err}); expected {{"test": [ids], ...}}') from None
     if not isinstance(splits, dict) or name not in splits:
         have = ", ".join(splits) if isinstance(splits, dict) else type(splits).__name__
         raise ValueError(f"split '{name}' is not in {path}; it holds: {have}")

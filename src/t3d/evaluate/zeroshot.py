@@ -34,6 +34,7 @@ import yaml
 from t3d.config import ConfigError
 from t3d.configfile import dataclass_from_args
 from t3d.data.labels import prepare_label_cache, read_labels
+from t3d.data.manifest import id_mismatch
 from t3d.evaluate.joint import logit_scale, text_embeddings
 from t3d.evaluate.pipeline import open_run
 from t3d.evaluate.report import classification_markdown, plot_roc, write_metrics
@@ -135,7 +136,10 @@ def run_zeroshot(
     wanted = run.wanted()
     ids = [i for i in wanted if i in set(table.ids)] if wanted is not None else list(table.ids)
     if not ids:
-        raise ValueError(f"no labelled, cached study is in split '{split}' of {splits}")
+        raise ValueError(
+            f"no labelled, cached study is in split '{split}' of {splits}: "
+            + id_mismatch(list(table.ids), wanted or [], "labelled, cached studies", f"split '{split}' of {splits}")
+        )
     pos, neg = prompt_embeddings(jm, prompt_set, run.cache / "text", request.text_model or None)
     image_emb, got = run.image_embeddings(ids)
     y = table.labels_of(got)

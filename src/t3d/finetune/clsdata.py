@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from t3d.data.manifest import id_mismatch
 from t3d.evaluate.studies import read_split
 from t3d.finetune.segdata import make_splits
 
@@ -37,7 +38,11 @@ def split_studies(
         if both:
             raise ValueError(f"{splits}: {len(both)} studies are in both '{train_split}' and '{test_split}'")
         if not test:
-            raise ValueError(f"{splits}: no labelled, cached study in split '{test_split}'")
+            wanted, where = read_split(splits, test_split), f"split '{test_split}' of {splits}"
+            raise ValueError(
+                f"{splits}: no labelled, cached study in split '{test_split}': "
+                + id_mismatch(list(ids), wanted, "labelled, cached studies", where)
+            )
     else:
         pool, test = list(ids), []
     parts = make_splits(pool, test, fraction, val_fraction, test_fraction, seed)

@@ -36,7 +36,7 @@ from t3d.data.cache import StudyCache, write_json_atomic
 from t3d.data.cases import prepare_cache
 from t3d.finetune.config import SegConfig, check_seg_crop
 from t3d.finetune.networks import SegSpec, encoder_module
-from t3d.finetune.segdata import PatchDataset, lesion_classes, load_volume, make_splits, read_msd
+from t3d.finetune.segdata import PatchDataset, check_label_values, lesion_classes, load_volume, make_splits, read_msd
 from t3d.finetune.segeval import InferenceSetting, evaluate_cases
 from t3d.finetune.segreport import plot_curves, plot_overlay, write_report
 from t3d.models.keymap import LoadReport, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
@@ -159,6 +159,7 @@ def run_seg(cfg: SegConfig) -> dict:
     train_cases, test_cases, labels = read_msd(cfg.data)
     spec, pre = resolve_spec(cfg, labels)
     keys = prepare_cache(train_cases + test_cases, cfg.cache or out / "cache", spec.preprocess, cfg.preprocess_workers)
+    check_label_values(cfg.cache or out / "cache", keys, labels, cfg.data)
     pool = [c.id for c in train_cases if c.id in keys]
     splits = make_splits(
         pool, [c.id for c in test_cases if c.id in keys], cfg.fraction, cfg.val_fraction, cfg.test_fraction, cfg.seed

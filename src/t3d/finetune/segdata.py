@@ -103,6 +103,22 @@ def make_splits(
     return {"seed": seed, "fraction": fraction, "pool": len(pool), "train": train, "val": val, "test": test}
 
 
+def check_label_values(cache_dir: str | Path, keys: dict[str, str], labels: dict[int, str], source: str | Path) -> None:
+    """ValueError naming the label files whose values fall outside the ``labels`` map (0..N-1) of ``source``."""
+    cache = StudyCache(cache_dir)
+    bad = []
+    for key in keys.values():
+        label = cache.label(key)
+        if label is not None and int(label.max()) >= len(labels):
+            values = sorted(int(v) for v in np.unique(label) if v >= len(labels))
+            bad.append(f"{cache.meta(key).label_source} holds {values[:5]}")
+    if bad:
+        raise ValueError(
+            f"{source}: label values outside its 'labels' map (0..{len(labels) - 1}): {'; '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; add those classes to 'labels' or fix the label files"
+        )
+
+
 def windowed(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:
     """HU (X, Y, Z) -> float32 (C, X, Y, Z), one [0, 1] channel per window (same mapping as pre-training)."""
     out = np.empty((len(windows), *hu.shape), dtype=np.float32)

@@ -18,7 +18,15 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from t3d import distributed as dist
-from t3d.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from t3d.checkpoint import (
+    CheckpointError,
+    intact_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from t3d.config import PretrainConfig, load_config, save_config, to_dict
 from t3d.data.sampler import ResumableSampler
 from t3d.losses import PretrainObjective, method_spec
@@ -65,11 +73,11 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
     if resume and ckpt_path is None:
         log.warning("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
     spec = method_spec(cfg.method)
+    # A resume is checked against the checkpoint before anything is written: a refused resume leaves the run
+    # folder (its config.yaml above all, which the error message points to) exactly as it was.
+    state = _resume_state(ckpt_path, run_dir, cfg) if resume and ckpt_path is not None else None
     torch.manual_seed(cfg.seed + dist.rank())
     np.random.seed((cfg.seed + dist.rank()) % 2**32)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
     dataset = build_dataset(cfg, spec)
     text = build_text_lookup(cfg, spec, dataset, device)
@@ -95,9 +103,12 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
     )
     sampler = ResumableSampler(len(dataset), cfg.train.batch_size, cfg.seed, dist.rank(), dist.world_size())
     start_step, position = 0, (0, 0)
-    if resume and ckpt_path is not None:
-        start_step, position = _restore(ckpt_path, core, ctx)
+    if state is not None:
+        start_step, position = _restore(state, ckpt_path, core, ctx)
         log.info("resumed %s at step %d (epoch %d, batch %d)", ckpt_path, start_step, *position)
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     run_log = RunLog(run_dir, resume_step=start_step, enabled=dist.is_main())
     extra_state = {"text_mean": text.mean.cpu(), "text_model": text.model_id}
     if text.sent_mean is not None:
@@ -191,17 +202,45 @@ def _save(cfg, ctx, core, step, position, extra_state, final: bool) -> None:
     dist.barrier()
 
 
-def _restore(path: Path, core, ctx: StepContext) -> tuple[int, tuple[int, int]]:
-    state = load_checkpoint(path, map_location=ctx.device)
-    if state.get("method") != core.spec.name:
-        raise ValueError(
-            f"{path} was written by method '{state.get('method')}', this config says '{core.spec.name}'; "
-            "resume with the run's own config (its config.yaml) or choose another --train.out"
+def _resume_state(path: Path, run_dir: Path, cfg: PretrainConfig) -> dict:
+    """The checkpoint to resume from, checked against ``cfg``; ValueError (for people) when it cannot be used."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        earlier = intact_checkpoint(run_dir, path)
+        fix = (
+            f"the earlier checkpoint {earlier} is intact: resume from it with "
+            f"`echo checkpoints/{earlier.name} > {run_dir / 'latest'}` and rerun with --resume"
+            if earlier is not None
+            else "no intact earlier checkpoint is in the folder: start over with another --train.out"
         )
+        raise ValueError(f"cannot resume: {err}; {fix}") from None
+    if state.get("method") != cfg.method:
+        raise ValueError(
+            f"{path} was written by method '{state.get('method')}', this config says '{cfg.method}'; "
+            f"resume with the run's own config (--config {run_dir / 'config.yaml'}) or choose another --train.out"
+        )
+    model_changes = [k for k in _changed_keys(state.get("config", {}), to_dict(cfg)) if k.startswith("model.")]
+    if model_changes:
+        raise ValueError(
+            f"{path} holds a model that differs from this config in {', '.join(model_changes)}; resume with the "
+            f"run's own config (--config {run_dir / 'config.yaml'}) or choose another --train.out"
+        )
+    return state
+
+
+def _restore(state: dict, path: Path, core, ctx: StepContext) -> tuple[int, tuple[int, int]]:
     changed = _changed_keys(state.get("config", {}), to_dict(core.cfg))
     if changed:
         log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(changed))
-    core.load_state_dict(state["model"])
+    try:
+        core.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        first = (str(err).splitlines() or [""])[0][:200]
+        raise ValueError(
+            f"{path} does not fit this model ({first}); resume with the run's own config.yaml or choose another "
+            "--train.out"
+        ) from None
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.scheduler.load_state_dict(state["scheduler"])
     ctx.scaler.load_state_dict(state["scaler"])
