@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cls_helpers import synth_dataset, write_checkpoint
 from t3d.cli import main
-from t3d.evaluate.grid import GridCropDataset, grid_centres
+from t3d.data.grid import GridCropDataset, grid_centres
 from t3d.evaluate.retrieval import recall_hits, retrieval_metrics
 from t3d.evaluate.zeroshot import build_prompts, ensemble, finding_phrase, zeroshot_probabilities
 from t3d.metrics import auroc_per_class
@@ -196,7 +196,7 @@ def test_checkpoint_without_text_head_is_a_clear_error(tiny, capsys):
 
 def test_grid_dataset_reads_windowed_crops_of_the_cache(tiny):
     from cls_helpers import tiny_pretrain_config
-    from t3d.finetune.clsdata import prepare_label_cache, read_labels
+    from t3d.data.labels import prepare_label_cache, read_labels
 
     cache = tiny["root"] / "grid_cache"
     prepare_label_cache(read_labels(tiny["data"] / "findings.csv"), cache, tiny_pretrain_config().preprocess)

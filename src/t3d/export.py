@@ -22,8 +22,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from t3d.finetune.keymap import encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
-from t3d.finetune.pretrained import PretrainedEncoder, export_metadata, load_pretrained, monai_target
+from t3d.models.keymap import encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
+from t3d.pretrained import PretrainedEncoder, export_metadata, load_pretrained, monai_target
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from t3d.checkpoint import load_checkpoint
 from t3d.data.cache import StudyCache, StudyMeta, safe_key
+from t3d.data.cases import SegCase, case_id, prepare_cache
 from t3d.finetune.networks import SegSpec
-from t3d.finetune.segdata import SegCase, case_id, load_volume, prepare_cache
+from t3d.finetune.segdata import load_volume
 from t3d.finetune.segeval import InferenceSetting, predict_volume
 
 log = logging.getLogger(__name__)

@@ -129,10 +129,10 @@ def run_zeroshot(
     text_model: str | None = None,
 ) -> dict:
     """Score every labelled study (of ``split`` when a split file is given) zero-shot; write the run folder."""
+    from t3d.data.labels import prepare_label_cache, read_labels
     from t3d.evaluate.joint import image_embeddings, load_joint, logit_scale, study_dataset
     from t3d.evaluate.report import classification_markdown, plot_roc, write_metrics
     from t3d.evaluate.studies import read_split
-    from t3d.finetune.clsdata import prepare_label_cache, read_labels
     from t3d.metrics import classification_metrics
 
     out = Path(out)

@@ -33,13 +33,14 @@ from tqdm import tqdm
 from t3d.checkpoint import load_checkpoint, save_checkpoint
 from t3d.config import ConfigError, load_config, save_config, to_dict
 from t3d.data.cache import StudyCache, write_json_atomic
+from t3d.data.cases import prepare_cache
 from t3d.finetune.config import SegConfig, check_seg_crop
-from t3d.finetune.keymap import LoadReport, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
 from t3d.finetune.networks import SegSpec, encoder_module
-from t3d.finetune.pretrained import PretrainedEncoder, load_pretrained
-from t3d.finetune.segdata import PatchDataset, lesion_classes, load_volume, make_splits, prepare_cache, read_msd
+from t3d.finetune.segdata import PatchDataset, lesion_classes, load_volume, make_splits, read_msd
 from t3d.finetune.segeval import InferenceSetting, evaluate_cases
 from t3d.finetune.segreport import plot_curves, plot_overlay, write_report
+from t3d.models.keymap import LoadReport, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
+from t3d.pretrained import PretrainedEncoder, load_pretrained
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from torch import Tensor
 from t3d import __version__
 from t3d.checkpoint import load_checkpoint
 from t3d.config import ModelConfig, PreprocessConfig, from_dict, to_dict
-from t3d.finetune.keymap import encoder_state
 from t3d.models.encoders import RESNET_PRESETS, SWIN_DEPTHS, SWIN_HEADS, SWIN_PATCH, SWIN_PRESETS, SWIN_WINDOW
+from t3d.models.keymap import encoder_state
 
 EXPORT_FORMAT = "t3d-encoder/1"
 
