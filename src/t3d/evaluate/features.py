@@ -5,7 +5,7 @@
     x = crop_features(enc, "cache", sites)               # (M, F): one crop per lesion-probe site
     x, ids = cached("features/t3d_s0_study.pt", enc.fingerprint, lambda: study_features(enc, "cache", ids))
 
-Every method meets the same inputs and the same pooling: the fixed tile grid of ``t3d.evaluate.grid`` at the
+Every method meets the same inputs and the same pooling: the fixed tile grid of ``t3d.data.grid`` at the
 checkpoint's crop size and windows (full resolution, never resized; also for ``clip``, whose encoder is fully
 convolutional and so reads tiles as it reads its shrunk volume), the encoder's own ``pool`` per tile (spatial
 mean + LayerNorm), then mean and max over the study's tiles concatenated. The max keeps a finding that lights up one
@@ -26,7 +26,7 @@ import torch
 from t3d.config import PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.data.crops import apply_windows, read_crop, window_params
-from t3d.evaluate.grid import GridCropDataset
+from t3d.data.grid import GridCropDataset
 from t3d.evaluate.joint import encode_studies, load_joint
 from t3d.evaluate.lesions import CropSite
 from t3d.models import build_encoder
@@ -89,7 +89,7 @@ def study_features(
     max_crops: int = 27,
     crop_batch: int = 8,
 ) -> tuple[torch.Tensor, list[str]]:
-    """(N, 2F) study features over the fixed grid of ``t3d.evaluate.grid`` and the study ids, in ``ids`` order."""
+    """(N, 2F) study features over the fixed grid of ``t3d.data.grid`` and the study ids, in ``ids`` order."""
     data = GridCropDataset(cache, enc.crop_size, enc.windows, ids=ids, overlap=overlap, max_crops=max_crops)
     per_study, out_ids = encode_studies(data, enc.embed, enc.device, crop_batch, desc="study features")
     return torch.stack([pool_tiles(f) for f in per_study]), out_ids
