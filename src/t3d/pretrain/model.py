@@ -22,10 +22,11 @@ class PretrainModel(nn.Module):
     """Everything that carries trainable weights during pre-training.
 
     ``text_dim``: width Et of the frozen report embedding. Frozen text features are inputs, not submodules: they
-    are computed once and cached (``t3d.text``), so training never runs the text encoder.
+    are computed once and cached (``t3d.text``), so training never runs the text encoder. ``num_findings``: L, the
+    findings the ``supervised`` control predicts (its linear ``finding_head``; unused by the other methods).
     """
 
-    def __init__(self, cfg: PretrainConfig, spec: MethodSpec, text_dim: int):
+    def __init__(self, cfg: PretrainConfig, spec: MethodSpec, text_dim: int, num_findings: int = 0):
         super().__init__()
         self.cfg, self.spec = cfg, spec
         channels = cfg.crops.channels
@@ -44,6 +45,9 @@ class PretrainModel(nn.Module):
         )
         if self.decoder is not None:
             self.decoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        if spec.findings and num_findings < 1:
+            raise ValueError(f"method {spec.name!r} predicts findings: num_findings must be >= 1, got {num_findings}")
+        self.finding_head = nn.Linear(self.encoder.embed_channels, num_findings) if spec.findings else None
 
     def forward(self, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor], generator=None) -> dict:
         """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``.
@@ -65,7 +69,8 @@ class PretrainModel(nn.Module):
             ).to(x.device)
             x_in = x.index_copy(0, restore_idx, corrupt(x[restore_idx], mask))
         feats = self.encoder.forward_features(x_in)
-        z = self.image_head(self.encoder.pool(feats)).view(b, k, v, -1)  # (B, K, 2, E), L2-normalised
+        pooled = self.encoder.pool(feats)  # (B*K*2, F)
+        z = self.image_head(pooled).view(b, k, v, -1)  # (B, K, 2, E), L2-normalised
         out["crop_emb"] = z
         clean = z[:, :, 0] if restore_idx is not None and self.spec.contrastive else z.flatten(1, 2)
         out["study_emb"] = nn.functional.normalize(clean.mean(dim=1), dim=-1)  # (B, E)
@@ -75,6 +80,10 @@ class PretrainModel(nn.Module):
             picked = [f.index_select(0, restore_idx) for f in feats]
             out["restored"] = self.decoder(picked, cond=cond, tokens=tokens, token_mask=token_mask)
             out["target"], out["mask"] = x[restore_idx], mask
+        if self.finding_head is not None:
+            # Study-level targets: the mean of all its crops' features (every view) meets its findings.
+            out["finding_logits"] = self.finding_head(pooled.view(b, k * v, -1).mean(dim=1))  # (B, L)
+            out["finding_targets"] = text["findings"]
         self._text_outputs(out, text)
         return out
 
