@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain_helpers import pretrain_args, read_log
 from t3d.cli import main as cli_main
 from t3d.config import ConfigError, DataConfig, PretrainConfig, load_config
 from t3d.data.crops import CropDataset
 from t3d.data.targets import read_findings
 from t3d.losses import PretrainObjective, method_spec
 from t3d.pretrain.data import FindingTargets
-
-from pretrain_helpers import pretrain_args, read_log
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
