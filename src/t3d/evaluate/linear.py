@@ -41,12 +41,14 @@ def fit_logistic(
         # strength means the same whatever the number of findings).
         per_class = F.binary_cross_entropy_with_logits(head(x), y, pos_weight=pos_weight, reduction="none").mean(0)
         loss = per_class.sum() + 0.5 * l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
+        # Divided by 1 + l2 (same minimiser): L-BFGS's first step is 1 / |g|_1 whatever the curvature, and with a
+        # strong penalty its strong-Wolfe search found no acceptable step from zero weights and stayed there.
+        (loss / (1.0 + l2)).backward()
+        return loss / (1.0 + l2)
 
     curve = []
     for step in range(1, steps + 1):
-        curve.append((step, float(optimizer.step(closure).detach())))
+        curve.append((step, float(optimizer.step(closure).detach()) * (1.0 + l2)))
         if on_step is not None:
             on_step(step)
     return curve

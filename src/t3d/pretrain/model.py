@@ -58,6 +58,8 @@ class PretrainModel(nn.Module):
         if self.spec.whole_volume:
             return self._forward_whole(batch["volume"], text)
         views = batch["views"]
+        if self.finding_head is not None and self.decoder is None and not self.spec.contrastive:
+            views = views[:, :, :1]  # the findings control uses one view per site: the second adds nothing to it
         b, k, v = views.shape[:3]
         x = views.flatten(0, 2)  # (B*K*2, C, D, H, W), ordered (study, site, view)
         out: dict[str, torch.Tensor] = {"frozen_text": text["frozen"]}
@@ -81,7 +83,7 @@ class PretrainModel(nn.Module):
             out["restored"] = self.decoder(picked, cond=cond, tokens=tokens, token_mask=token_mask)
             out["target"], out["mask"] = x[restore_idx], mask
         if self.finding_head is not None:
-            # Study-level targets: the mean of all its crops' features (every view) meets its findings.
+            # Study-level targets: the mean of the features of all its crops meets its findings.
             out["finding_logits"] = self.finding_head(pooled.view(b, k * v, -1).mean(dim=1))  # (B, L)
             out["finding_targets"] = text["findings"]
         self._text_outputs(out, text)
