@@ -96,7 +96,8 @@ class ProbeData:
     preset: str = "small"
     workers: int = 2
     manifest: str = ""
-    """Real data: a manifest (JSONL/CSV) with ``id``, ``image`` and ``label`` columns (e.g. MSD lung or liver)."""
+    """Real data (``num_studies: 0``): an MSD ``dataset.json`` (e.g. Task06_Lung, Task03_Liver; its labelled
+    studies) or a manifest (JSONL/CSV) with ``id``, ``image`` and ``label`` columns."""
     findings: str = ""
     """Real data: findings CSV / ground_truth.jsonl for the study probe (empty: study probe skipped)."""
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from t3d.config import PreprocessConfig, PretrainConfig
 from t3d.data.cache import StudyCache
+from t3d.data.cases import prepare_cache as prepare_seg_cache
 from t3d.data.preprocess import preprocess_manifest
 from t3d.data.synthetic import generate_dataset
 from t3d.data.targets import read_findings
@@ -27,6 +28,7 @@ from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_f
 from t3d.evaluate.gate import gate_entry
 from t3d.evaluate.lesions import lesion_sites
 from t3d.evaluate.probes import lesion_probe, stratum_names, study_probe
+from t3d.finetune.segdata import read_msd
 from transfer_config import ProbeSettings
 from transfer_results import Results
 from transfer_stats import dice_cell, paired_auroc, paired_dice
@@ -35,6 +37,10 @@ from transfer_stats import dice_cell, paired_auroc, paired_dice
 def prepare_probe_data(s: ProbeSettings, folder: Path, cache: Path, preprocess: PreprocessConfig, workers: int) -> dict:
     """Generate (or take) the labelled probe studies and preprocess them with their label maps into ``cache``."""
     d = s.data
+    if d.num_studies <= 0 and d.manifest.endswith(".json"):  # an MSD dataset.json: every labelled study
+        train, test, _ = read_msd(d.manifest)
+        keys = prepare_seg_cache([c for c in train + test if c.label is not None], cache, preprocess, workers)
+        return {"probe_cache": {"processed": len(keys)}}
     if d.num_studies > 0:
         generate_dataset(folder, d.num_studies, d.seed, preset=d.preset, workers=d.workers, progress=False)
         manifest = folder / "reports.jsonl"  # every study, with its label map
