@@ -195,6 +195,7 @@ def test_strong_penalty_still_moves_from_zero_weights():
     rng = np.random.default_rng(0)
     y = np.tile([1.0, 0.0], 150)[:, None].astype(np.float32)
     x = (rng.normal(size=(300, 64)) + 0.3 * y).astype(np.float32)  # a weak signal in every feature
-    probe = fit_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(10.0,))
-    assert probe.head.weight.abs().max() > 0
-    assert len(np.unique(probe.scores(x[200:]))) > 1
+    for l2 in (10.0, 0.01):
+        probe = fit_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(l2,))
+        assert probe.head.weight.abs().max() > 0
+        assert len(np.unique(probe.scores(x[200:]))) > 1

@@ -33,7 +33,11 @@ def fit_logistic(
     """
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    # One iteration per call (``on_step`` after each); max_eval must stay > 1 (its default is 1.25 max_iter = 1):
+    # with a single evaluation the strong-Wolfe search can take no step, and the weights stayed at exactly zero.
+    optimizer = torch.optim.LBFGS(
+        head.parameters(), lr=1.0, max_iter=1, max_eval=25, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad(set_to_none=True)
@@ -41,14 +45,12 @@ def fit_logistic(
         # strength means the same whatever the number of findings).
         per_class = F.binary_cross_entropy_with_logits(head(x), y, pos_weight=pos_weight, reduction="none").mean(0)
         loss = per_class.sum() + 0.5 * l2 * head.weight.pow(2).sum()
-        # Divided by 1 + l2 (same minimiser): L-BFGS's first step is 1 / |g|_1 whatever the curvature, and with a
-        # strong penalty its strong-Wolfe search found no acceptable step from zero weights and stayed there.
-        (loss / (1.0 + l2)).backward()
-        return loss / (1.0 + l2)
+        loss.backward()
+        return loss
 
     curve = []
     for step in range(1, steps + 1):
-        curve.append((step, float(optimizer.step(closure).detach()) * (1.0 + l2)))
+        curve.append((step, float(optimizer.step(closure).detach())))
         if on_step is not None:
             on_step(step)
     return curve
