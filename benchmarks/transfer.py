@@ -1,14 +1,14 @@
-"""Transfer benchmark (METHOD §7): does text-informed pre-training beat visual SSL and CLIP-style pre-training?
+"""Transfer benchmark (docs/method.md §7): does text-informed pre-training beat visual SSL and CLIP-style pre-training?
 
     python benchmarks/transfer.py --config benchmarks/transfer_cpu.yaml            # the 2-hour CPU configuration
     python benchmarks/transfer.py --config benchmarks/transfer_cpu.yaml --smoke    # 2 methods x 1 seed, minutes
     python benchmarks/transfer.py --config benchmarks/transfer_cpu.yaml --report-only   # tables from what is done
     python benchmarks/transfer.py --config ... --methods t3d,vssl --seg.steps 50     # dotted overrides as in t3d
 
-For every method of METHOD §5 (``random`` = no pre-training) and seed: pre-train on the unlabeled (volume, report)
-pairs of the pretrain split; fine-tune segmentation (organs + lesions) and a linear probe for findings at each label
-fraction of the labelled finetune split; test on the held-out test split; for methods with a joint image-text space
-also zero-shot classification and image-report retrieval; for ``diagnostic_methods`` the "does the text matter"
+For every method of docs/method.md §5 (``random`` = no pre-training) and seed: pre-train on the unlabeled (volume,
+report) pairs of the pretrain split; fine-tune segmentation (organs + lesions) and a linear probe for findings at each
+label fraction of the labelled finetune split; test on the held-out test split; for methods with a joint image-text
+space also zero-shot classification and image-report retrieval; for ``diagnostic_methods`` the "does the text matter"
 control (restoration error with the true vs a shuffled report). Everything runs through the package's own APIs.
 
 Stages are cached: each writes ``result.json`` into its folder under ``benchmarks/work/<name>/`` (``data/``,

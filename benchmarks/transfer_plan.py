@@ -27,6 +27,7 @@ from t3d.data.cases import prepare_cache as prepare_seg_cache
 from t3d.data.labels import prepare_label_cache, read_labels
 from t3d.data.preprocess import preprocess_manifest
 from t3d.data.synthetic import generate_dataset
+from t3d.evaluate.request import StudyRequest
 from t3d.evaluate.studies import prepare_cache as prepare_study_cache
 from t3d.evaluate.studies import read_split
 from t3d.finetune.config import ClsConfig, SegConfig
@@ -205,22 +206,27 @@ class Plan:
         name = f"seed{seed}/{method}/{kind} f={f:g}"
         return Stage(name, out, lambda: run_cls_stage(ccfg), {"kind": kind, **meta}, needs)
 
-    def _eval_kwargs(self, seed: int) -> dict:
-        e = self.cfg.evaluate
-        return {"n_boot": e.n_boot, "seed": seed, "overlap": e.overlap, "max_crops": e.max_crops,
-                "crop_batch": e.crop_batch, "workers": e.workers}  # fmt: skip
+    def study_request(self, method: str, seed: int, task: str, cache: str) -> StudyRequest:
+        """The request of a joint-space evaluation (``zeroshot`` / ``retrieval``) of one pre-training run."""
+        e, run = self.cfg.evaluate, self.run_dir(method, seed)
+        return StudyRequest(
+            checkpoint=str(run / "pretrain"), out=str(run / task), cache=str(self.caches[cache]), splits=self.splits,
+            split=self.cfg.data.test_split, max_crops=e.max_crops, overlap=e.overlap, crop_batch=e.crop_batch,
+            workers=e.workers,
+        )  # fmt: skip
 
     def _joint_stages(self, method, seed, base, needs) -> list[Stage]:
-        run, ckpt = self.run_dir(method, seed), self.run_dir(method, seed) / "pretrain"
-        split = {"splits": self.splits or None, "split": self.cfg.data.test_split}
-        zs = {"images": self.cls_images or None, "cache": self.caches["cls"], **split, **self._eval_kwargs(seed)}
-        ret = {"root": self.heldout_root, "cache": self.caches["heldout"], **split, **self._eval_kwargs(seed)}
+        run, n_boot = self.run_dir(method, seed), self.cfg.evaluate.n_boot
+        zs, ret = (
+            self.study_request(method, seed, "zeroshot", "cls"),
+            self.study_request(method, seed, "retrieval", "heldout"),
+        )
         return [
             Stage(f"seed{seed}/{method}/zeroshot", run / "zeroshot",
-                  lambda: run_zeroshot_stage(ckpt, self.cls_labels, run / "zeroshot", **zs),
+                  lambda: run_zeroshot_stage(zs, self.cls_labels, self.cls_images or None, n_boot, seed),
                   {"kind": "zeroshot", **base}, needs),
             Stage(f"seed{seed}/{method}/retrieval", run / "retrieval",
-                  lambda: run_retrieval_stage(ckpt, self.heldout_manifest, run / "retrieval", **ret),
+                  lambda: run_retrieval_stage(ret, self.heldout_manifest, self.heldout_root, n_boot, seed),
                   {"kind": "retrieval", **base}, needs),
         ]  # fmt: skip
 

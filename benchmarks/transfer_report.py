@@ -126,8 +126,8 @@ def align_share(run: dict) -> float | None:
 
 
 def precondition_table(pretrain: Sequence[dict]) -> list[str]:
-    """Final alignment (and view) loss per pre-training run against log B (METHOD §7's precondition): met when the
-    final L_align has covered at least ``PRECONDITION_SHARE`` of the way from log B to its floor."""
+    """Final alignment (and view) loss per pre-training run against log B (the precondition of docs/method.md §7):
+    met when the final L_align has covered at least ``PRECONDITION_SHARE`` of the way from log B to its floor."""
     lines = [
         "| method | seed | steps | B | log B | floor | final align | min align | share of the way to the floor | "
         "precondition met | final view | final restore | Y self-prob |",
@@ -316,7 +316,7 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
         lines += ["", "## Frozen-encoder segmentation probe (decoder only, 100 % labels)", ""]
         lines += results_table(s["frozen_seg"], s["methods"], list(SEG_METRICS), s.get("controls", ()))
     lines += ["", "Zero-shot AUROC does not depend on the label fraction (same value in every table).", ""]
-    lines += ["## Paired comparisons (METHOD §7)", "", *comparison_table(s["comparisons"]), ""]
+    lines += ["## Paired comparisons (docs/method.md §7)", "", *comparison_table(s["comparisons"]), ""]
     full = max(float(f) for f in s["cells"]) if s["cells"] else 1.0
     lines += [*claim_lines(s["comparisons"], s.get("gate"), full), ""]
     retrieval = {(r["method"], r["seed"]): r for r in s["retrieval"]}

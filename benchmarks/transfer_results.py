@@ -130,7 +130,7 @@ def summarise(
     metrics: Sequence[str],
     n_boot: int = 2000,
 ) -> dict:
-    """Every cell, the paired comparisons of METHOD §7 and the verdicts, as one JSON-ready dict."""
+    """Every cell, the paired comparisons of docs/method.md §7 and the verdicts, as one JSON-ready dict."""
     cells: dict = {}
     for f in fractions:
         for m in methods:

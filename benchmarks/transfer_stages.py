@@ -27,6 +27,7 @@ from t3d import distributed as dist
 from t3d.config import PretrainConfig
 from t3d.data.crops import CropDataset
 from t3d.evaluate.joint import load_joint
+from t3d.evaluate.request import StudyRequest
 from t3d.evaluate.retrieval import run_retrieval
 from t3d.evaluate.studies import report_texts
 from t3d.evaluate.zeroshot import run_zeroshot
@@ -124,16 +125,17 @@ def run_cls_stage(cfg) -> dict:
     }
 
 
-def run_zeroshot_stage(checkpoint: Path, labels: str, out: Path, **kwargs) -> dict:
+def run_zeroshot_stage(request: StudyRequest, labels: str, images: str | None, n_boot: int, seed: int) -> dict:
     """Zero-shot finding classification (``run_zeroshot``); per-study scores of the evaluated split."""
-    result = run_zeroshot(checkpoint, labels, out, **kwargs)
+    result = run_zeroshot(request, labels, images=images, n_boot=n_boot, seed=seed)
+    out = Path(request.out)
     ids, y, p = test_scores(out / "scores.csv", result["classes"], split=None)
     return {"classes": result["classes"], "ids": ids, "y": y, "p": p, "macro_auroc": result["test"]["macro"]["auroc"]}
 
 
-def run_retrieval_stage(checkpoint: Path, manifest: str, out: Path, **kwargs) -> dict:
+def run_retrieval_stage(request: StudyRequest, manifest: str, root: str | None, n_boot: int, seed: int) -> dict:
     """Image <-> report retrieval on held-out studies (``run_retrieval``)."""
-    result = run_retrieval(checkpoint, manifest, out, **kwargs)
+    result = run_retrieval(request, manifest, root=root, n_boot=n_boot, seed=seed)
     keys = ("image_to_report", "report_to_image", "chance", "n_studies", "duplicate_reports")
     return {k: result[k] for k in keys if k in result}
 

@@ -20,6 +20,8 @@ import logging
 import uuid
 from pathlib import Path
 
+from monai.networks.nets import ResNet, SwinUNETR
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from t3d.models.keymap import encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
@@ -28,19 +30,7 @@ from t3d.pretrained import PretrainedEncoder, export_metadata, load_pretrained, 
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="export the pre-trained encoder to safetensors (loads into MONAI SwinUNETR / ResNet)",
-        description="Write the encoder weights of a pre-training run as safetensors with the preprocessing spec "
-        "(spacing, HU windows, crop size, encoder config) in the metadata.",
-    )
-    p.add_argument("--checkpoint", required=True, help="pre-training run folder or checkpoint .pt")
-    p.add_argument("--out", required=True, help="output file (.safetensors)")
-    p.set_defaults(func=_command)
-
-
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     out = export_encoder(args.checkpoint, args.out)
     print(f"exported encoder -> {out}")
     return 0
@@ -48,8 +38,6 @@ def _command(args: argparse.Namespace) -> int:
 
 def monai_module(pre: PretrainedEncoder) -> nn.Module:
     """The MONAI module the exported weights are for (``SwinUNETR(...).swinViT`` or ``ResNet``), freshly built."""
-    from monai.networks.nets import ResNet, SwinUNETR
-
     _, kwargs = monai_target(pre)
     if pre.model.encoder == "swinvit":
         return SwinUNETR(out_channels=2, **kwargs).swinViT
@@ -68,8 +56,6 @@ def exported_tensors(pre: PretrainedEncoder) -> dict[str, Tensor]:
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the encoder of ``checkpoint`` to ``out`` (safetensors), after checking it loads strictly into MONAI."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(

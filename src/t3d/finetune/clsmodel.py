@@ -1,4 +1,5 @@
-"""The study classifier: a (pre-trained) 3D encoder, crop features pooled over a study, a linear head (METHOD §6).
+"""The study classifier: a (pre-trained) 3D encoder, crop features pooled over a study, a linear head
+(docs/method.md §6).
 
     setup = encoder_setup(cfg)                       # architecture + weights from cfg.init (or random)
     model = StudyClassifier(setup.encoder, num_classes=18, pooling="mean")

@@ -1,4 +1,4 @@
-"""``t3d finetune seg``: organ + tumour segmentation from a pre-trained encoder (METHOD §6).
+"""``t3d finetune seg``: organ + tumour segmentation from a pre-trained encoder (docs/method.md §6).
 
     t3d finetune seg --data Task03_Liver/dataset.json --init runs/pretrain --fraction 0.1 --out runs/seg_t3d_10
     t3d finetune seg --data ... --init random --model.encoder swinvit --model.preset base   # the baseline
@@ -45,24 +45,7 @@ from t3d.pretrained import PretrainedEncoder, load_pretrained
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
-    """Register ``seg`` under ``t3d finetune``."""
-    p = subparsers.add_parser(
-        "seg",
-        help="fine-tune SwinUNETR / encoder-UNet segmentation on an MSD-layout dataset",
-        description="Segmentation fine-tuning (METHOD §6). Any SegConfig field can be overridden: --lr 3e-4, "
-        "--crop_size [64,64,64], --model.preset base (random init only).",
-    )
-    p.add_argument("--data", help="MSD dataset.json (training [{image,label}], labels)")
-    p.add_argument("--init", help="pre-training run folder / .pt / exported .safetensors, or 'random'")
-    p.add_argument("--fraction", type=float, help="share of labelled training studies (e.g. 0.01, 0.1, 1)")
-    p.add_argument("--out", help="run folder")
-    p.add_argument("--config", help="YAML with SegConfig fields")
-    p.add_argument("--freeze-encoder", action="store_true", default=None, help="train the decoder only")
-    p.set_defaults(func=_command, accepts_overrides=True)
-
-
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     cfg = load_config(SegConfig, args.config, args.overrides)
     flags = {"data": args.data, "init": args.init, "fraction": args.fraction, "out": args.out}
     flags["freeze_encoder"] = args.freeze_encoder

@@ -1,4 +1,4 @@
-"""The method table of METHOD §5 as data: every baseline and ablation is one row, one code path.
+"""The method table of docs/method.md §5 as data: every baseline and ablation is one row, one code path.
 
     spec = method_spec(cfg.method)
     if spec.restore:                   # decoder conditioning: spec.conditioning_for(cfg.model.conditioning)
