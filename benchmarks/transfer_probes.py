@@ -26,7 +26,7 @@ from t3d.data.synthetic import generate_dataset
 from t3d.data.targets import read_findings
 from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features
 from t3d.evaluate.gate import gate_entry
-from t3d.evaluate.lesions import lesion_sites
+from t3d.evaluate.lesions import cross_check, lesion_sites
 from t3d.evaluate.probes import lesion_probe, stratum_names, study_probe
 from t3d.finetune.segdata import read_msd
 from transfer_config import ProbeSettings
@@ -85,6 +85,8 @@ def run_probe_stage(
     test = [n for n, site in enumerate(sites) if split.get(site.study) == "test"]
     lesion["test"]["ids"] = [f"{sites[n].study}@{','.join(map(str, sites[n].centre))}" for n in test]
     result["lesion"] = lesion
+    if findings.endswith(".jsonl"):  # synthetic: the label-map lesions against the generator's ground truth
+        result["lesion_cross_check"] = cross_check(cache, findings, s.lesion_labels)
     return result
 
 

@@ -10,7 +10,14 @@ from t3d.config import CropConfig, ModelConfig, PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features
 from t3d.evaluate.gate import NOT_SENSITIVE, gate_entry, gate_table, is_sensitive, metric_kind, sensitive_metrics
-from t3d.evaluate.lesions import CropSite, find_lesions, lesion_sites, relative_position, window_has_lesion
+from t3d.evaluate.lesions import (
+    CropSite,
+    cross_check,
+    find_lesions,
+    lesion_sites,
+    relative_position,
+    window_has_lesion,
+)
 from t3d.evaluate.linear import fit_probe
 from t3d.evaluate.probes import (
     cluster_auroc,
@@ -199,3 +206,11 @@ def test_strong_penalty_still_moves_from_zero_weights():
         probe = fit_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(l2,))
         assert probe.head.weight.abs().max() > 0
         assert len(np.unique(probe.scores(x[200:]))) > 1
+
+
+def test_lesions_agree_with_the_synthetic_ground_truth(tiny_cache):
+    check = cross_check(tiny_cache.cache, tiny_cache.data / "ground_truth.jsonl", LESIONS)
+    assert check["studies"] == tiny_cache.num_studies and check["recorded"] > 0
+    assert check["found"] == check["recorded"] and check["studies_agreeing"] == check["studies"]
+    assert check["centres_checked"] == check["recorded"] == check["centres_on_lesion"]
+    assert 0.5 < check["median_diameter_over_size"] < 2.0

@@ -16,14 +16,17 @@ window is checked against the label map again before it is returned.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from t3d.data.cache import StudyCache
 from t3d.data.crops import centre_bounds, select_studies
+from t3d.data.synthetic.findings import FOCAL
 from t3d.metrics import equivalent_diameter_mm
 
 
@@ -160,3 +163,41 @@ def _negative(cache, study: _Study, rel, size, lesion: Lesion, group: int, lesio
     if window_has_lesion(cache.label(study.key), centre, size, lesion_labels):
         raise RuntimeError(f"negative crop at {centre} of lesion-free study '{study.id}' holds a lesion voxel")
     return CropSite(study.id, study.key, centre, 0, lesion.diameter_mm, group)
+
+
+def cross_check(cache: StudyCache | str, ground_truth: str | Path, lesion_labels: Sequence[int]) -> dict:
+    """Compare the lesions found in the label maps with the synthetic ground truth (``ground_truth.jsonl``).
+
+    Per cached study listed in the ground truth: the focal findings of a lesion class it records vs the connected
+    components found; where the cached grid is the generator's (same shape: native spacing), also whether each
+    recorded ``centre_voxel`` lies on a voxel of its class. Returns counts and the median of component diameter /
+    recorded ``size_mm``. Lesions are drawn apart from each other, so counts should agree exactly.
+    """
+    cache = cache if isinstance(cache, StudyCache) else StudyCache(cache)
+    records = {}
+    for line in Path(ground_truth).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[str(record["id"])] = record
+    out = {"studies": 0, "recorded": 0, "found": 0, "studies_agreeing": 0, "centres_checked": 0, "centres_on_lesion": 0}
+    ratios = []
+    for _, row in select_studies(cache, None):
+        record = records.get(row["id"])
+        label = cache.label(row["key"])
+        if record is None or label is None:
+            continue
+        focal = [f for f in record["findings"] if f["type"] in FOCAL and f["label"] in set(lesion_labels)]
+        found = find_lesions(label, lesion_labels, cache.meta(row["key"]).spacing)
+        out["studies"] += 1
+        out["recorded"] += len(focal)
+        out["found"] += len(found)
+        out["studies_agreeing"] += int(len(focal) == len(found))
+        if tuple(label.shape) == tuple(record.get("shape", ())):
+            for f in focal:
+                out["centres_checked"] += 1
+                out["centres_on_lesion"] += int(label[tuple(f["centre_voxel"])] == f["label"])
+        sizes = sorted(f["size_mm"] for f in focal if f.get("size_mm"))
+        if sizes and len(sizes) == len(found):
+            ratios += [d / s for d, s in zip(sorted(les.diameter_mm for les in found), sizes)]
+    out["median_diameter_over_size"] = float(np.median(ratios)) if ratios else float("nan")
+    return out
