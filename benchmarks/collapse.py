@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,17 +24,8 @@ from t3d.evaluate.retrieval import retrieval_metrics
 from t3d.evaluate.studies import read_split, report_texts
 from t3d.losses.objective import mean_pairwise_cosine
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def git_revision() -> str:
-    """``git rev-parse HEAD`` plus ``-dirty`` when the tree differs from it."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_revision  # noqa: E402
 
 
 def split_diagnostics(jm, cache: Path, ids: list[str], n_boot: int, max_crops: int) -> dict:
