@@ -110,6 +110,8 @@ def method_cost(method: str, n_seeds: int) -> float:
     if method == "random":
         return 1.0 * n_seeds
     spec = method_spec(method)
+    if spec.findings:
+        return 1.5 * n_seeds
     if not spec.restore:
         return 1.5 * n_seeds
     return (3.0 if spec.contrastive else 5.0) * n_seeds
@@ -117,7 +119,8 @@ def method_cost(method: str, n_seeds: int) -> float:
 
 def partition(cfg: TransferConfig, jobs: int) -> list[list[str]]:
     """Methods split into ``jobs`` groups of similar cost (largest first onto the least loaded group)."""
-    methods = [(m, len(cfg.seeds)) for m in cfg.main_methods] + [(m, len(cfg.ablation_seeds)) for m in cfg.ablations]
+    main = [*cfg.controls, *cfg.main_methods]
+    methods = [(m, len(cfg.seeds)) for m in main] + [(m, len(cfg.ablation_seeds)) for m in cfg.ablations]
     groups: list[list[str]] = [[] for _ in range(jobs)]
     load = [0.0] * jobs
     for method, n in sorted(methods, key=lambda mn: -method_cost(*mn)):
@@ -144,7 +147,7 @@ def run_jobs(plan: Plan, cfg: TransferConfig, argv: list[str], jobs: int) -> dic
     """Data stages here, then one worker process per method group (logs under ``work/jobs``); a progress bar counts
     the finished stages of all workers. Returns the workers' stage status as read back from the work folder."""
     stages = plan.stages()
-    shared = [s for s in stages if s.meta.get("kind") in ("data", "prepare")]
+    shared = [s for s in stages if s.meta.get("kind") in ("data", "prepare", "probe_data")]
     status = run_stages(shared)
     if any(v == "failed" for v in status.values()):
         return status
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_transfer_config(args.config, args.smoke, overrides)
     if args.methods:
         keep = set(args.methods.split(","))
+        cfg.controls = [m for m in cfg.controls if m in keep]
         cfg.main_methods = [m for m in cfg.main_methods if m in keep]
         cfg.ablations = [m for m in cfg.ablations if m in keep]
     if cfg.threads:

@@ -61,6 +61,9 @@ class DataPaths:
     """Score segmentation on at most this many of the labelled test studies (the first by id; 0 = all)."""
     lesion_labels: list[int] | None = None
     """Classes averaged as 'lesion Dice' (the rest are organs); null = names with lesion/tumour/nodule/cyst/..."""
+    pretrain_findings: str = ""
+    """Ground-truth findings of the pre-training studies for the ``supervised`` control (findings CSV or
+    ground_truth.jsonl); synthetic: ground_truth.jsonl."""
     cls_labels: str = ""
     """Findings CSV (CT-RATE multi_abnormality_labels layout); synthetic: findings.csv."""
     cls_images: str = ""
@@ -83,6 +86,47 @@ class EvalSettings:
 
 
 @dataclass
+class ProbeData:
+    """Where the labelled probe studies come from: generated (``num_studies`` > 0) or a manifest of real ones."""
+
+    num_studies: int = 600
+    """Synthetic studies generated for the probes (0: use ``manifest``)."""
+    seed: int = 1000
+    """Generator seed: another seed than the pre-training data's, so no study is shared."""
+    preset: str = "small"
+    workers: int = 2
+    manifest: str = ""
+    """Real data (``num_studies: 0``): an MSD ``dataset.json`` (e.g. Task06_Lung, Task03_Liver; its labelled
+    studies) or a manifest (JSONL/CSV) with ``id``, ``image`` and ``label`` columns."""
+    findings: str = ""
+    """Real data: findings CSV / ground_truth.jsonl for the study probe (empty: study probe skipped)."""
+
+
+@dataclass
+class ProbeSettings:
+    """The frozen-encoder probes: data, split, lesion classes and size strata, probe fitting."""
+
+    data: ProbeData = field(default_factory=ProbeData)
+    test_fraction: float = 0.34
+    """Share of the probe studies held out as the test set (the rest: train + validation)."""
+    val_fraction: float = 0.2
+    """Share of the remaining studies that choose the L2 strength."""
+    seed: int = 0
+    """Split and lesion-site sampling: the same for every method."""
+    lesion_labels: list[int] = field(default_factory=lambda: [9, 10, 11, 12])
+    """Label classes whose connected components are lesions (synthetic: liver lesion, cyst, nodule, stone)."""
+    size_thresholds_mm: list[float] = field(default_factory=lambda: [10.0])
+    """Lesion-size strata edges (equivalent diameter); one edge gives ``small`` and ``large``."""
+    negatives_per_lesion: int = 1
+    l2: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0])
+    steps: int = 100
+    """L-BFGS iterations per L2 strength."""
+    n_boot: int = 1000
+    overlap: float = 0.25
+    max_crops: int = 27
+
+
+@dataclass
 class TransferConfig:
     """The benchmark: methods x seeds x label fractions, and how each stage is configured."""
 
@@ -91,9 +135,10 @@ class TransferConfig:
     work: str = "benchmarks/work"
     output: str = "benchmarks/results/transfer"
     """Report path stem: <output>.md, .json, .png and <output>_align.png."""
-    main_methods: list[str] = field(
-        default_factory=lambda: ["random", "vssl", "vssl-contrastive", "vssl-restore", "clip", "t3d"]
-    )
+    controls: list[str] = field(default_factory=lambda: ["random", "supervised"])
+    """Lower (``random``: no pre-training) and upper (``supervised``: ground-truth findings) references, run for every
+    seed and listed apart from the methods; the sensitivity gate is their difference."""
+    main_methods: list[str] = field(default_factory=lambda: ["vssl", "vssl-contrastive", "vssl-restore", "clip", "t3d"])
     ablations: list[str] = field(default_factory=lambda: ["t3d-no-align", "t3d-hard", "t3d-uncond"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     ablation_seeds: list[int] = field(default_factory=lambda: [0])
@@ -114,6 +159,13 @@ class TransferConfig:
     """ClsConfig fields of the linear probe (``t3d finetune cls --probe``)."""
     cls_finetune: dict | None = None
     """ClsConfig fields of a full classification fine-tune; null = probe only."""
+    frozen_seg: dict | None = field(default_factory=dict)
+    """SegConfig fields of the frozen-encoder segmentation probe (decoder only, 100 % labels) on top of ``seg``;
+    null = not run."""
+    finetune_seed_offset: int = 1000
+    """Downstream runs of pre-training seed k use seed k + offset: fine-tuning luck is not pre-training luck (the
+    pair is recorded in every result as ``seed`` / ``finetune_seed``)."""
+    probes: ProbeSettings = field(default_factory=ProbeSettings)
     evaluate: EvalSettings = field(default_factory=EvalSettings)
     n_boot: int = 2000
     """Replicates of the report's two-level bootstrap (seeds x test cases)."""

@@ -6,8 +6,9 @@
 
 Folder layout under ``work``: ``data/`` (synthetic dataset), ``prep/`` (derived files), ``caches/{pretrain,seg,cls,
 heldout}`` (preprocessed studies, shared by every method: all use the same preprocessing), and
-``<method>/seed<k>/{pretrain, seg_f<fraction>, probe_f<fraction>, finetune_f<fraction>, zeroshot, retrieval,
-textdiag}``.
+``<method>/seed<k>/{pretrain, probes, seg_f<fraction>, frozen_seg, probe_f<fraction>, finetune_f<fraction>,
+zeroshot, retrieval, textdiag}``; ``probe_data/`` (the labelled studies of the frozen-encoder probes) and
+``caches/probe``. The controls (``random``, ``supervised``) run first in every seed round.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from t3d.finetune.config import ClsConfig, SegConfig
 from t3d.finetune.segdata import read_msd
 from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space
 from transfer_figures import plot_align, plot_cells
+from transfer_probes import frozen_seg_cells, prepare_probe_data, probe_cells, run_probe_stage, sensitivity_gate
 from transfer_report import render
 from transfer_results import SEG_METRICS, Results, summarise
 from transfer_stages import (
@@ -79,7 +81,17 @@ class Plan:
         self.pretrain_root = str(resolve(d.pretrain_root)) if d.pretrain_root else None
         self.heldout_root = str(resolve(d.heldout_root)) if d.heldout_root else None
         self.cls_images = str(resolve(d.cls_images)) if d.cls_images else ""
-        self.caches = {k: self.work / "caches" / k for k in ("pretrain", "seg", "cls", "heldout")}
+        self.pretrain_findings = pick(d.pretrain_findings, "ground_truth.jsonl")
+        self.caches = {k: self.work / "caches" / k for k in ("pretrain", "seg", "cls", "heldout", "probe")}
+        p = cfg.probes.data
+        self.probe_data = self.work / "probe_data"
+        self.probe_findings = (
+            str(resolve(p.findings))
+            if p.findings
+            else str(self.probe_data / "ground_truth.jsonl")
+            if p.num_studies
+            else ""
+        )
         if not all((self.pretrain_manifest, self.seg_source, self.cls_labels, self.heldout_manifest)):
             raise ValueError(
                 "data.synthetic is null, so data.pretrain_manifest, data.seg_dataset, data.cls_labels and "
@@ -99,13 +111,15 @@ class Plan:
             fixed["data"]["root"] = self.pretrain_root
         if self.splits and self.cfg.data.pretrain_split:
             fixed["data"].update(split_file=self.splits, split=self.cfg.data.pretrain_split)
+        if method == "supervised":
+            fixed["data"]["findings"] = self.pretrain_findings
         overrides = flatten(self.cfg.pretrain) + flatten(fixed)
         return load_config(PretrainConfig, resolve(self.cfg.pretrain_config), overrides)
 
     def downstream_config(self, cls, fields: dict, method: str, seed: int, **run):
         """SegConfig / ClsConfig: ``fields`` of the benchmark config, the run's paths, and for ``random`` the
         architecture, preprocessing, windows and crop size of the pre-training config (no weights)."""
-        cfg = replace(load_config(cls, None, flatten(fields)), seed=seed, **run)
+        cfg = replace(load_config(cls, None, flatten(fields)), seed=seed + self.cfg.finetune_seed_offset, **run)
         if method != "random":
             return replace(cfg, init=str(self.run_dir(method, seed) / "pretrain"))
         base = self.pretrain_config("t3d", seed)
@@ -123,8 +137,9 @@ class Plan:
         if self.data is not None:
             out.append(Stage("data", self.data, self._make_data, {"kind": "data"}))
         out.append(Stage("prepare", self.work / "prep", self._prepare, {"kind": "prepare"}, ("data",)))
+        out.append(Stage("probe_data", self.probe_data, self._probe_data, {"kind": "probe_data"}))
         for seed in sorted(set(cfg.seeds) | set(cfg.ablation_seeds)):
-            methods = [m for m in cfg.main_methods if seed in cfg.seeds]
+            methods = [m for m in [*cfg.controls, *cfg.main_methods] if seed in cfg.seeds]
             methods += [m for m in cfg.ablations if seed in cfg.ablation_seeds]
             for method in methods:
                 out += self.method_stages(method, seed)
@@ -133,13 +148,14 @@ class Plan:
 
     def method_stages(self, method: str, seed: int) -> list[Stage]:
         cfg, run = self.cfg, self.run_dir(method, seed)
-        base = {"method": method, "seed": seed}
+        base = {"method": method, "seed": seed, "finetune_seed": seed + cfg.finetune_seed_offset}
         pre = f"seed{seed}/{method}/pretrain"
         needs = ("prepare",) if method == "random" else ("prepare", pre)
         out = []
         if method != "random":
             pcfg = self.pretrain_config(method, seed)
             out.append(Stage(pre, run / "pretrain", lambda: run_pretrain_stage(pcfg), {"kind": "pretrain", **base}))
+        out.append(self._probe_stage(method, seed, base, needs))
         for f in cfg.fractions:
             meta = {**base, "fraction": f}
             out.append(self._seg_stage(method, seed, f, meta, needs))
@@ -147,6 +163,10 @@ class Plan:
             if cfg.cls_finetune is not None:
                 fields = {**cfg.cls_finetune, "freeze_encoder": False}
                 out.append(self._cls_stage(method, seed, f, "finetune", fields, meta, needs))
+        if cfg.frozen_seg is not None:
+            meta = {**base, "fraction": max(cfg.fractions)}
+            fields = {**cfg.seg, **cfg.frozen_seg, "freeze_encoder": True}
+            out.append(self._seg_stage(method, seed, max(cfg.fractions), meta, needs, "frozen_seg", fields))
         if has_joint_space(method):
             out += self._joint_stages(method, seed, base, needs)
         if method in cfg.diagnostic_methods and method != "random":
@@ -156,12 +176,27 @@ class Plan:
             )  # fmt: skip
         return out
 
-    def _seg_stage(self, method, seed, f, meta, needs) -> Stage:
-        out = self.run_dir(method, seed) / f"seg_f{f:g}"
+    def _seg_stage(self, method, seed, f, meta, needs, kind: str = "seg", fields: dict | None = None) -> Stage:
+        out = self.run_dir(method, seed) / (f"seg_f{f:g}" if kind == "seg" else kind)
         paths = {"data": self.seg_dataset, "out": str(out), "cache": str(self.caches["seg"]), "fraction": f}
-        scfg = self.downstream_config(SegConfig, self.cfg.seg, method, seed, **paths)
-        name = f"seed{seed}/{method}/seg f={f:g}"
-        return Stage(name, out, lambda: run_seg_stage(scfg), {"kind": "seg", **meta}, needs)
+        scfg = self.downstream_config(SegConfig, self.cfg.seg if fields is None else fields, method, seed, **paths)
+        name = f"seed{seed}/{method}/{kind} f={f:g}"
+        return Stage(name, out, lambda: run_seg_stage(scfg), {"kind": kind, **meta}, needs)
+
+    def _probe_stage(self, method, seed, base, needs) -> Stage:
+        out = self.run_dir(method, seed) / "probes"
+        ckpt = None if method == "random" else self.run_dir(method, seed) / "pretrain"
+        pcfg = self.pretrain_config("t3d", seed)  # architecture, crop size and windows of the random control
+
+        def run() -> dict:
+            s = self.cfg.probes
+            return run_probe_stage(ckpt, pcfg, s, self.caches["probe"], self.probe_findings, out, seed)
+
+        return Stage(f"seed{seed}/{method}/probes", out, run, {"kind": "probes", **base}, (*needs, "probe_data"))
+
+    def _probe_data(self) -> dict:
+        pre, workers = self.pretrain_config("t3d", 0).preprocess, self.cfg.preprocess_workers
+        return prepare_probe_data(self.cfg.probes, self.probe_data, self.caches["probe"], pre, workers)
 
     def _cls_stage(self, method, seed, f, kind, fields, meta, needs) -> Stage:
         out = self.run_dir(method, seed) / f"{kind}_f{f:g}"
@@ -246,12 +281,17 @@ class Plan:
     def report(self) -> dict:
         results = self.finished()
         cfg = self.cfg
-        methods = [*cfg.main_methods, *cfg.ablations]
+        methods = [*cfg.controls, *cfg.main_methods, *cfg.ablations]
         metrics = [*SEG_METRICS, "probe_auroc"] + (["finetune_auroc"] if cfg.cls_finetune is not None else [])
         metrics.append("zeroshot_auroc")
         table = Results(results, cfg.data.lesion_labels)
         summary = summarise(table, methods, cfg.fractions, cfg.vssl_methods, metrics, cfg.n_boot)
-        summary.update(self.context(results), metrics=metrics, methods=methods)
+        summary.update(self.context(results), metrics=metrics, methods=methods, controls=list(cfg.controls))
+        thresholds = list(cfg.probes.size_thresholds_mm)
+        summary["gate"] = sensitivity_gate(results, thresholds, list(cfg.fractions), cfg.n_boot)
+        summary["probes"] = probe_cells(results, methods, thresholds)
+        summary["frozen_seg"] = frozen_seg_cells(table, methods, max(cfg.fractions), cfg.n_boot)
+        summary["revision"], summary["command"] = summary["git_revision"], summary["command"]
         summary.update(name_png=self.output.name + ".png", name_align_png=self.output.name + "_align.png")
         self.output.parent.mkdir(parents=True, exist_ok=True)
         pretrain = [r for r in results if r["kind"] == "pretrain"]

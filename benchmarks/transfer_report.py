@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from t3d.evaluate.gate import NOT_SENSITIVE, gate_table
 from transfer_results import AUROC_METRICS, SEG_METRICS, ZS_METRIC
 from transfer_stats import dice_cell, seed_t_interval, wilcoxon_cases
 
@@ -33,16 +34,44 @@ def metric_names(metrics: Sequence[str]) -> dict[str, str]:
     return {m: names[m] for m in metrics}
 
 
-def results_table(cells: dict, methods: Sequence[str], metrics: Sequence[str]) -> list[str]:
-    """One markdown table: a row per method, a column per metric (mean [95 % CI]), seeds used."""
+def results_table(
+    cells: dict, methods: Sequence[str], metrics: Sequence[str], controls: Sequence[str] = ()
+) -> list[str]:
+    """One markdown table: a row per method, a column per metric (mean [95 % CI]), seeds used; the ``controls``
+    first, under their own heading row, then the methods."""
     names = metric_names(metrics)
     lines = ["| method | seeds | " + " | ".join(names.values()) + " |", "|---" * (len(names) + 2) + "|"]
-    for m in methods:
-        row = cells.get(m, {})
-        if not row:
-            continue
-        seeds = max((v.get("n_seeds", 0) for v in row.values()), default=0)
-        lines.append(f"| {m} | {seeds} | " + " | ".join(fmt(row.get(k)) for k in names) + " |")
+    blank = " |" * len(names)
+    groups = [
+        ("*controls*", [m for m in methods if m in controls]),
+        ("*methods*", [m for m in methods if m not in controls]),
+    ]
+    for heading, group in groups:
+        rows = [m for m in group if cells.get(m)]
+        if controls and rows:
+            lines.append(f"| {heading} | |{blank}")
+        for m in rows:
+            row = cells[m]
+            seeds = max((v.get("n_seeds", 0) for v in row.values()), default=0)
+            label = f"{m} (control)" if m in controls else m
+            lines.append(f"| {label} | {seeds} | " + " | ".join(fmt(row.get(k)) for k in names) + " |")
+    return lines
+
+
+def gate_name(metric: str, fraction: float, full: float) -> str:
+    """The gate entry that licenses a comparison of ``metric`` at ``fraction``."""
+    return metric if fraction == full else f"{metric}_f{fraction:g}"
+
+
+def probe_table(probes: dict, methods: Sequence[str], controls: Sequence[str]) -> list[str]:
+    """Frozen-encoder probes per method and seed: study-probe macro AUROC and lesion-probe AUROC per size stratum."""
+    columns = sorted({k for seeds in probes.values() for row in seeds.values() for k in row})
+    lines = ["| method | seed | " + " | ".join(f"`{c}`" for c in columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for m in [*[m for m in methods if m in controls], *[m for m in methods if m not in controls]]:
+        for seed, row in sorted(probes.get(m, {}).items()):
+            cells = [fmt({"mean": row[c]["value"], **row[c]}) if c in row else "n/a" for c in columns]
+            label = f"{m} (control)" if m in controls else m
+            lines.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -216,13 +245,22 @@ def config_lines(s: dict) -> list[str]:
         f"{cfg['data']['seg_max_test'] or 'all'}; classification: linear probe ({cls.get('steps', '?')} L-BFGS "
         f"iterations per L2 strength)" + (", plus full fine-tune" if cfg.get("cls_finetune") is not None else ""),
         f"- label fractions {cfg['fractions']}; seeds {cfg['seeds']} (ablations {cfg['ablation_seeds']}); methods "
-        f"{', '.join(cfg['main_methods'])}; ablations {', '.join(cfg['ablations'])}",
+        f"{', '.join(cfg['main_methods'])}; controls {', '.join(cfg.get('controls', []))}; ablations "
+        f"{', '.join(cfg['ablations'])}",
     ]
     return lines
 
 
-def claim_lines(comparisons: Sequence[dict]) -> list[str]:
-    """docs/method.md §7 in plain words, one line per comparison."""
+def claim_lines(comparisons: Sequence[dict], gate: dict | None = None, full: float = 1.0) -> list[str]:
+    """docs/method.md §7 in plain words, one line per comparison; with a ``gate``, comparisons on metrics that did
+    not pass it are marked and left out of the claim."""
+    if gate is not None:
+        usable = [c for c in comparisons if gate.get(gate_name(c["metric"], c["fraction"], full), {}).get("sensitive")]
+        dropped = [c for c in comparisons if c not in usable]
+        out = [
+            f"- fraction {c['fraction']:g}, {c['metric']}: {NOT_SENSITIVE} (not used for the claim)" for c in dropped
+        ]
+        return out + (claim_lines(usable) if usable else ["- no comparison on a sensitive metric: no claim"])
     if not comparisons:
         return ["- no comparison possible yet (t3d and a baseline need finished runs on the same seeds)"]
     names = metric_names([*SEG_METRICS, *AUROC_METRICS])
@@ -260,6 +298,7 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
         + f"); report written {s['finished_at']}",
         *config_lines(s),
         "",
+        *gate_lines(s),
         CI_NOTE.format(n_boot=s["config"]["n_boot"]),
         "",
         "## Precondition: does L_align fall below log B?",
@@ -276,10 +315,18 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
         f"Curves: `{s['name_align_png']}`.",
     ]
     for f, cells in s["cells"].items():
-        lines += ["", f"## Results at label fraction {f}", "", *results_table(cells, s["methods"], s["metrics"])]
+        table = results_table(cells, s["methods"], s["metrics"], s.get("controls", ()))
+        lines += ["", f"## Results at label fraction {f}", "", *table]
+    if s.get("probes"):
+        lines += ["", "## Frozen-encoder probes (test studies; 95 % bootstrap interval over studies)", ""]
+        lines += probe_table(s["probes"], s["methods"], s.get("controls", ()))
+    if s.get("frozen_seg"):
+        lines += ["", "## Frozen-encoder segmentation probe (decoder only, 100 % labels)", ""]
+        lines += results_table(s["frozen_seg"], s["methods"], list(SEG_METRICS), s.get("controls", ()))
     lines += ["", "Zero-shot AUROC does not depend on the label fraction (same value in every table).", ""]
     lines += ["## Paired comparisons (docs/method.md §7)", "", *comparison_table(s["comparisons"]), ""]
-    lines += [*claim_lines(s["comparisons"]), ""]
+    full = max(float(f) for f in s["cells"]) if s["cells"] else 1.0
+    lines += [*claim_lines(s["comparisons"], s.get("gate"), full), ""]
     retrieval = {(r["method"], r["seed"]): r for r in s["retrieval"]}
     lines += ["## Joint space: image-report retrieval on held-out studies", ""]
     lines += [*retrieval_table(retrieval), "", "(mean over seeds, Student-t 95 % interval across seeds)", ""]
@@ -294,3 +341,20 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
     ]
     lines += ["", f"Figures: `{s['name_png']}` (bars with 95 % intervals), `{s['name_align_png']}`.", ""]
     return "\n".join(lines)
+
+
+def gate_lines(s: dict) -> list[str]:
+    """The sensitivity gate: the report's first table."""
+    if not s.get("gate"):
+        return []
+    return [
+        "## Sensitivity gate: can this budget tell a trained encoder from an untrained one?",
+        "",
+        *gate_table(s["gate"]),
+        "",
+        "supervised = the same encoder pre-trained on the ground-truth findings (upper control); random = no "
+        "pre-training (lower control). A metric is *sensitive* when supervised − random is at least 0.15 (AUROC) or "
+        f"0.10 (Dice) with a 95 % interval excluding 0; greyed metrics are {NOT_SENSITIVE} and are not used for "
+        "claims. Intervals: paired bootstrap over seeds and test cases (studies; lesion crops for the lesion probe).",
+        "",
+    ]

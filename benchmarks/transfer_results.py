@@ -38,10 +38,13 @@ class Results:
     def get(self, kind: str, method: str, seed: int, fraction: float | None = None) -> dict | None:
         return self.by_key.get((kind, method, seed, fraction))
 
-    def seg_matrix(self, metric: str, method: str, fraction: float, seeds: Sequence[int] | None = None):
-        """(values (S, N), weights (S, N) | None, case ids) of a segmentation metric; None without results."""
-        seeds = list(seeds) if seeds is not None else self.seeds("seg", method, fraction)
-        runs = [self.get("seg", method, s, fraction) for s in seeds]
+    def seg_matrix(
+        self, metric: str, method: str, fraction: float, seeds: Sequence[int] | None = None, kind: str = "seg"
+    ):
+        """(values (S, N), weights (S, N) | None, case ids) of a segmentation metric of stages of ``kind`` (``seg``,
+        ``frozen_seg``); None without results."""
+        seeds = list(seeds) if seeds is not None else self.seeds(kind, method, fraction)
+        runs = [self.get(kind, method, s, fraction) for s in seeds]
         if not runs or any(r is None for r in runs):
             return None
         ids = sorted(set.intersection(*[{c["id"] for c in r["cases"]} for r in runs]))

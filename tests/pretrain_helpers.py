@@ -59,6 +59,7 @@ def expected_terms(method: str) -> set[str]:
     terms |= {"study_cos"} if spec.align == "global" else set()
     terms |= {"target_self_prob", "target_entropy", "tcl"} if spec.contrastive else set()
     terms |= {"restore"} if spec.restore else set()
+    terms |= {"findings"} if spec.findings else set()
     return terms
 
 

@@ -290,6 +290,8 @@ def test_method_table_covers_every_method_with_the_right_flags():
     assert flags["vssl-contrastive"] == (True, False, "none", False, False)
     assert flags["vssl-restore"] == (False, False, "none", True, False)
     assert flags["clip"] == (False, False, "global", False, True)
+    assert flags["supervised"] == (False, False, "none", False, False) and method_spec("supervised").findings
+    assert not method_spec("supervised").uses_text and not method_spec("supervised").contrastive
     assert method_spec("t3d").conditioning_for("film") == "film"
     assert method_spec("t3d-cross-attention").conditioning_for("film") == "cross_attention"
     assert method_spec("t3d-uncond").conditioning_for("film") == "none"
@@ -314,6 +316,8 @@ def model_outputs(b=4, k=2, e=6, seed=30):
         "restored": torch.rand(b * k * 2, 1, 8, 8, 8, generator=g, dtype=DT).requires_grad_(),
         "target": target,
         "mask": random_cube_mask(target.shape, 0.5, 4, g),
+        "finding_logits": torch.randn(b, 3, generator=g, dtype=DT).requires_grad_(),
+        "finding_targets": (torch.rand(b, 3, generator=g) < 0.5).to(DT),
     }
 
 
@@ -328,6 +332,7 @@ EXPECTED_KEYS = {
     "vssl-contrastive": {"view", "tcl"},
     "vssl-restore": {"restore"},
     "clip": {"align", "tcl"},
+    "supervised": {"findings"},
 }
 
 
@@ -351,10 +356,12 @@ def test_objective_terms_and_weighting(method):
     else:
         manual["align"] = align_loss(out["study_emb"], out["text_emb"], y, 12.0)
     manual["restore"] = restoration_loss(out["restored"], out["target"], out["mask"], 0.1)
+    manual["findings"] = F.binary_cross_entropy_with_logits(out["finding_logits"], out["finding_targets"])
     for key in EXPECTED_KEYS[method] - {"tcl"}:
         torch.testing.assert_close(terms[key], manual[key])
     tcl = terms.get("view", 0.0) + 0.3 * terms.get("align", 0.0)
-    torch.testing.assert_close(terms["loss"], 0.7 * tcl + 2.0 * terms.get("restore", 0.0))
+    expected = 0.7 * tcl + 2.0 * terms.get("restore", 0.0) + terms.get("findings", 0.0)
+    torch.testing.assert_close(terms["loss"], expected)
     if "tau_align" in terms:
         assert terms["tau_align"].item() == pytest.approx(1 / 12)
     if "study_cos" in terms:

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_writes_a_complete_run_folder(tiny_cache, tmp_path, method):
     run = tmp_path / "run"
-    assert cli_main(pretrain_args(tiny_cache.cache, run, method, **{"train.batch_size": 2})) == 0
+    findings = {"data.findings": tiny_cache.data / "ground_truth.jsonl"} if method == "supervised" else {}
+    assert cli_main(pretrain_args(tiny_cache.cache, run, method, **{"train.batch_size": 2}, **findings)) == 0
 
     cfg = load_config(PretrainConfig, run / "config.yaml")
     assert cfg.method == method and cfg.train.steps == 2 and tuple(cfg.crops.size) == (32, 32, 32)
@@ -60,7 +61,7 @@ def test_every_method_runs_and_writes_a_complete_run_folder(tiny_cache, tmp_path
     assert CHECKPOINT_KEYS <= set(state), sorted(state)
     assert state["step"] == 2 and state["config"]["method"] == method
     assert state["text_mean"].shape == (384,)
-    model = PretrainModel(cfg, method_spec(method), text_dim=384)
+    model = PretrainModel(cfg, method_spec(method), text_dim=384, num_findings=len(state.get("finding_classes", [])))
     model.load_state_dict(state["model"])  # strict: the checkpoint holds exactly this method's weights
     assert (model.decoder is not None) == method_spec(method).restore
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import transfer  # noqa: E402
 import transfer_config  # noqa: E402
+import transfer_probes  # noqa: E402
 import transfer_report  # noqa: E402
 import transfer_results  # noqa: E402
 import transfer_stages  # noqa: E402
@@ -265,20 +266,28 @@ def test_flatten_feeds_load_config():
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["transfer_cpu.yaml", "transfer_gpu.yaml"])
+@pytest.mark.parametrize("name", ["transfer_cpu.yaml", "transfer_gpu.yaml", "transfer_gate_smoke.yaml"])
 @pytest.mark.parametrize("smoke", [False, True])
 def test_benchmark_configs_load_and_plan(name, smoke, tmp_path):
     cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / name, smoke=smoke)
     stages = Plan(cfg, tmp_path / cfg.name).stages()  # builds and validates every run's config, runs nothing
     names = [s.name for s in stages]
-    assert "prepare" in names and names[-1].endswith("/report")
-    for method in cfg.main_methods:
+    assert "prepare" in names and "probe_data" in names and names[-1].endswith("/report")
+    assert cfg.controls == ["random", "supervised"]  # the gate needs both controls in every configuration
+    for method in [*cfg.controls, *cfg.main_methods]:
         has_pretrain = f"seed{cfg.seeds[0]}/{method}/pretrain" in names
         assert has_pretrain == (method != "random")
         assert f"seed{cfg.seeds[0]}/{method}/seg f={cfg.fractions[0]:g}" in names
-    if not smoke:
+        assert f"seed{cfg.seeds[0]}/{method}/probes" in names
+    by_name = {s.name: s for s in stages}
+    seg = by_name[f"seed{cfg.seeds[0]}/random/seg f={cfg.fractions[0]:g}"]
+    assert seg.meta["finetune_seed"] == cfg.seeds[0] + cfg.finetune_seed_offset != cfg.seeds[0]
+    if not smoke and name == "transfer_cpu.yaml":
         assert len(cfg.seeds) >= 3 and len(cfg.ablation_seeds) >= 1 and len(cfg.fractions) == 2
-        assert {"random", "vssl", "vssl-contrastive", "vssl-restore", "clip", "t3d"} <= set(cfg.main_methods)
+        assert {"vssl", "clip", "t3d"} <= set(cfg.main_methods) and "random" not in cfg.main_methods
+        assert cfg.pretrain["train"]["batch_size"] >= 16  # the contrastive batch of docs/method.md §7
+        n = cfg.probes.data.num_studies
+        assert round(n * cfg.probes.test_fraction) >= 200 and n - round(n * cfg.probes.test_fraction) >= 400
 
 
 def test_work_folder_refuses_other_settings(tmp_path):
@@ -305,10 +314,10 @@ def test_jobs_partition_covers_every_method_once_and_balances_cost():
     cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml")
     groups = transfer.partition(cfg, 2)
     flat = [m for g in groups for m in g]
-    assert sorted(flat) == sorted(cfg.main_methods + cfg.ablations)
+    main = cfg.controls + cfg.main_methods
+    assert sorted(flat) == sorted(main + cfg.ablations)
     loads = [
-        sum(transfer.method_cost(m, len(cfg.seeds if m in cfg.main_methods else cfg.ablation_seeds)) for m in g)
-        for g in groups
+        sum(transfer.method_cost(m, len(cfg.seeds if m in main else cfg.ablation_seeds)) for m in g) for g in groups
     ]
     assert len(groups) == 2 and max(loads) <= 1.25 * min(loads)
     assert sorted(transfer.partition(cfg, 50)) == sorted([m] for m in flat)  # more workers than methods: one each
@@ -317,3 +326,59 @@ def test_jobs_partition_covers_every_method_once_and_balances_cost():
 def test_strip_option_removes_the_option_and_its_value_only():
     argv = ["--config", "x.yaml", "--jobs", "2", "--seg.steps", "2", "--jobs=3"]
     assert transfer.strip_option(argv, "--jobs") == ["--config", "x.yaml", "--seg.steps", "2"]
+
+
+# ----------------------------------------------------------------------------------------------- sensitivity gate
+
+
+def _probe_result(method: str, seed: int, signal: float) -> dict:
+    """A probes stage result whose scores separate the labels by ``signal`` (0 = chance)."""
+    y = (np.random.default_rng(99).random((80, 2)) < 0.4).astype(float)  # the same test studies for every run
+    rng = np.random.default_rng(seed)
+    p = signal * y + rng.random((80, 2))
+    label = np.tile([1.0, 0.0], 60)
+    score = signal * label + rng.random(120)
+    stratum = np.repeat([0, 1], 60)
+    lesion_test = {"label": label.tolist(), "score": score.tolist(), "stratum": stratum.tolist(),
+                   "ids": [f"s{i // 2}@{i}" for i in range(120)]}  # fmt: skip
+    return {"kind": "probes", "method": method, "seed": seed,
+            "study_scores": {"ids": [f"s{i}" for i in range(80)], "y": y.tolist(), "p": p.tolist()},
+            "lesion": {"test": lesion_test, "strata": {}}}  # fmt: skip
+
+
+def _seg_result(kind: str, method: str, seed: int, organ: float) -> dict:
+    rng = np.random.default_rng(seed)
+    cases = [{"id": f"c{i}", "dice": [organ + 0.02 * rng.standard_normal(), 0.1], "small_lesion_dice": None,
+              "small_lesions": 0} for i in range(12)]  # fmt: skip
+    labels = {"0": "background", "1": "liver", "2": "liver_lesion"}
+    return {"kind": kind, "method": method, "seed": seed, "fraction": 1.0, "cases": cases, "labels": labels}
+
+
+def test_sensitivity_gate_from_stage_results():
+    results = []
+    for seed in (0, 1):
+        for method, signal, organ in (("random", 0.0, 0.3), ("supervised", 2.0, 0.8), ("vssl", 0.1, 0.31)):
+            results.append(_probe_result(method, seed, signal))
+            results += [_seg_result(k, method, seed, organ) for k in ("seg", "frozen_seg")]
+    gate = transfer_probes.sensitivity_gate(results, [10.0], [1.0], n_boot=300)
+    assert set(gate) == {"study_probe_auroc", "lesion_probe_auroc_small", "lesion_probe_auroc_large", "organ_dice",
+                         "lesion_dice", "small_lesion_dice", "frozen_seg_organ_dice"}  # fmt: skip
+    for name in ("study_probe_auroc", "lesion_probe_auroc_small", "lesion_probe_auroc_large", "organ_dice"):
+        assert gate[name]["sensitive"], (name, gate[name])
+        assert gate[name]["ci_low"] > 0 and gate[name]["seeds"] == [0, 1]
+    assert gate["frozen_seg_organ_dice"]["sensitive"]
+    assert gate["organ_dice"]["supervised_minus_random"] == pytest.approx(0.5, abs=0.02)
+    assert abs(gate["organ_dice"]["vssl_minus_random"]) < 0.05
+    assert not gate["lesion_dice"]["sensitive"]  # equal for every method
+    assert not gate["small_lesion_dice"]["sensitive"]  # not measured: no small lesions in these cases
+    summary_lines = transfer_report.gate_lines({"gate": gate})
+    assert summary_lines[0].startswith("## Sensitivity gate") and "not sensitive at this budget" in "\n".join(
+        summary_lines
+    )
+
+
+def test_results_table_lists_controls_apart():
+    cells = {m: {"organ_dice": {"mean": 0.5, "low": 0.4, "high": 0.6, "n_seeds": 1}} for m in ("random", "t3d")}
+    lines = transfer_report.results_table(cells, ["random", "t3d"], ["organ_dice"], controls=["random"])
+    assert lines[2].startswith("| *controls*") and lines[3].startswith("| random (control)")
+    assert lines[4].startswith("| *methods*") and lines[5].startswith("| t3d |")

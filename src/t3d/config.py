@@ -32,6 +32,7 @@ METHODS = (
     "vssl-contrastive",
     "vssl-restore",
     "clip",
+    "supervised",
 )
 
 
@@ -165,6 +166,9 @@ class DataConfig:
     """Optional JSON split file ({"pretrain": [ids], ...}); empty uses every cached study."""
     split: str = "pretrain"
     """Which split of ``split_file`` to train on."""
+    findings: str = ""
+    """Ground-truth findings of the training studies, for the ``supervised`` control only: a findings CSV in the
+    CT-RATE ``multi_abnormality_labels`` layout, or the ``ground_truth.jsonl`` of ``t3d synth``."""
     workers: int = 2
     """DataLoader worker processes."""
 
@@ -346,7 +350,8 @@ class PretrainConfig:
     """Everything ``t3d pretrain`` needs; saved into every run folder and checkpoint."""
 
     method: str = "t3d"
-    """One of docs/method.md §5: t3d, vssl, vssl-contrastive, vssl-restore, clip, and the t3d ablations."""
+    """One of docs/method.md §5: t3d, vssl, vssl-contrastive, vssl-restore, clip, the t3d ablations, and the
+    ``supervised`` control (ground-truth findings as targets; needs ``data.findings``)."""
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -359,3 +364,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
+        if self.method == "supervised" and not self.data.findings:
+            raise ConfigError(
+                "method=supervised trains on ground-truth findings: set data.findings to a findings CSV "
+                "(CT-RATE multi_abnormality_labels layout) or the ground_truth.jsonl of `t3d synth`"
+            )

@@ -89,7 +89,7 @@ def load_joint(path: str | Path, device: torch.device | None = None) -> JointMod
     text_mean = state.get("text_mean")
     if text_mean is None:
         raise ValueError(f"{path} has no text_mean; it was not written by `t3d pretrain` of this version")
-    model = PretrainModel(cfg, spec, text_dim=len(text_mean))
+    model = PretrainModel(cfg, spec, text_dim=len(text_mean), num_findings=len(state.get("finding_classes", ())))
     model.load_state_dict(state["model"], strict=True)
     model.to(device).eval()
     log.info("loaded %s: method %s, step %s", path, spec.name, state.get("step"))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from t3d.evaluate.joint import encode_studies
+from t3d.evaluate.linear import fit_logistic
 from t3d.finetune.clsmodel import StudyClassifier
 from t3d.metrics import auroc_per_class
 
@@ -93,37 +94,6 @@ class Tracker:
             self.model.load_state_dict(self.best_state)
             return self.best_step
         return step
-
-
-def fit_logistic(
-    head: torch.nn.Linear, x: torch.Tensor, y: torch.Tensor, l2: float, steps: int, pos_weight=None, on_step=None
-) -> list[tuple[int, float]]:
-    """L2-regularised logistic regression of ``head`` on (N, F) ``x``, full batch, L-BFGS from zero weights.
-
-    Minimises, per class, ``mean BCE + l2 / 2 * ||w||^2`` (bias not penalised), as scikit-learn's
-    ``LogisticRegression(C=1 / (l2 N))`` does (tested): strictly convex, so the answer does not depend on the
-    optimiser's implicit bias (Adam on an unregularised probe with fewer studies than feature dimensions fell to
-    chance-level validation AUROC here). ``on_step(step)`` runs after each iteration.
-    """
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad(set_to_none=True)
-        # Per class: mean BCE over studies + l2/2 |w_c|^2 (summed over classes: L independent regressions, so the
-        # strength means the same whatever the number of findings).
-        per_class = F.binary_cross_entropy_with_logits(head(x), y, pos_weight=pos_weight, reduction="none").mean(0)
-        loss = per_class.sum() + 0.5 * l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    curve = []
-    for step in range(1, steps + 1):
-        curve.append((step, float(optimizer.step(closure).detach())))
-        if on_step is not None:
-            on_step(step)
-    return curve
 
 
 def train_probe(model: StudyClassifier, feats: dict[str, torch.Tensor], labels: dict[str, np.ndarray], cfg, device):

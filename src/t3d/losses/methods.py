@@ -3,7 +3,10 @@
     spec = method_spec(cfg.method)
     if spec.restore:                   # decoder conditioning: spec.conditioning_for(cfg.model.conditioning)
 
-``random`` (no pre-training) is not a pre-training method and has no row.
+``random`` (no pre-training) is not a pre-training method and has no row. ``supervised`` is a *control*, not a
+competitor: the same encoder and crop pipeline trained on the ground-truth findings of the pre-training studies
+(multi-label BCE of a linear head on the mean of the study's crop features), an upper reference of what the encoder
+can learn from these studies; benchmarks list it apart from the methods.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class MethodSpec:
     """Restoration decoder conditioning: ``film`` / ``cross_attention`` / ``none``; None = ``model.conditioning``."""
     whole_volume: bool = False
     """Input is the whole volume resized to ``clip.grid`` instead of crops (the ``clip`` baseline)."""
+    findings: bool = False
+    """Multi-label BCE on the study's ground-truth findings (``data.findings``): the ``supervised`` control."""
 
     @property
     def contrastive(self) -> bool:
@@ -48,17 +53,18 @@ class MethodSpec:
 
 # fmt: off
 _TABLE = (
-    # name                  view   soft   align       restore conditioning       whole_volume
-    ("t3d",                 True,  True,  "global",   True,   None,              False),
-    ("t3d-no-align",        True,  True,  "none",     True,   None,              False),
-    ("t3d-hard",            True,  False, "global",   True,   None,              False),
-    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False),
-    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False),
-    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False),
-    ("vssl",                True,  False, "none",     True,   "none",            False),
-    ("vssl-contrastive",    True,  False, "none",     False,  "none",            False),
-    ("vssl-restore",        False, False, "none",     True,   "none",            False),
-    ("clip",                False, False, "global",   False,  "none",            True),
+    # name                  view   soft   align       restore conditioning       whole_volume findings
+    ("t3d",                 True,  True,  "global",   True,   None,              False, False),
+    ("t3d-no-align",        True,  True,  "none",     True,   None,              False, False),
+    ("t3d-hard",            True,  False, "global",   True,   None,              False, False),
+    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False, False),
+    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False, False),
+    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False, False),
+    ("vssl",                True,  False, "none",     True,   "none",            False, False),
+    ("vssl-contrastive",    True,  False, "none",     False,  "none",            False, False),
+    ("vssl-restore",        False, False, "none",     True,   "none",            False, False),
+    ("clip",                False, False, "global",   False,  "none",            True,  False),
+    ("supervised",          False, False, "none",     False,  "none",            False, True),
 )
 # fmt: on
 _SPECS = {row[0]: MethodSpec(*row) for row in _TABLE}

@@ -14,7 +14,8 @@ The model returns a dict of tensors (this rank's B studies, K sites, 2 views eac
   ``align: sentence``;
 - ``logit_scale`` optional scalar tensor, the learnable 1/τ of L_align (``log_scale.exp()``); it belongs in the
   model so DDP averages its gradient like any other parameter. Absent: fixed 1 / ``loss.tau_align``;
-- ``restored`` / ``target`` (N, C, D, H, W), ``mask`` (N, 1, D, H, W) bool, True = hidden — for TIR.
+- ``restored`` / ``target`` (N, C, D, H, W), ``mask`` (N, 1, D, H, W) bool, True = hidden — for TIR;
+- ``finding_logits`` / ``finding_targets`` (B, L) — for the ``supervised`` control's multi-label BCE.
 
 Returned keys: only the terms the method uses (``view``, ``align``, ``tcl``, ``restore``), ``loss``, and the
 diagnostics ``target_self_prob`` (mean diagonal of Y) and ``target_entropy`` (mean row entropy H(Y), the floor of
@@ -88,6 +89,7 @@ class PretrainObjective(nn.Module):
         names += ["study_cos"] if spec.align == "global" else []
         names += ["tcl"] if spec.contrastive else []
         names += ["restore"] if spec.restore else []
+        names += ["findings"] if spec.findings else []
         return names + ["loss"]
 
     def forward(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,6 +128,12 @@ class PretrainObjective(nn.Module):
             terms["restore"] = restoration_loss(pred, target, mask, cfg.visible_weight)
             weighted = cfg.lambda_tir * terms["restore"]
             loss = weighted if loss is None else loss + weighted
+        if spec.findings:
+            logits = _need(out, "finding_logits", spec, "the supervised control predicts the study's findings")
+            y = _need(out, "finding_targets", spec, "the supervised control needs ground-truth findings")
+            dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 upcast, float64 kept
+            terms["findings"] = nn.functional.binary_cross_entropy_with_logits(logits.to(dtype), y.to(dtype))
+            loss = terms["findings"] if loss is None else loss + terms["findings"]
         terms["loss"] = loss
         return terms
 

@@ -12,6 +12,7 @@ from t3d import distributed as dist
 from t3d.config import PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.data.crops import CropDataset, WholeVolumeDataset
+from t3d.data.targets import read_findings
 from t3d.losses import MethodSpec, near_duplicate_share, target_entropy, text_affinity_targets
 from t3d.text import clean_report, load_text_features, split_sections
 
@@ -124,3 +125,33 @@ def build_text_lookup(cfg: PretrainConfig, spec: MethodSpec, dataset, device) ->
             "set text.sections=both or remove them"
         )
     return TextLookup(cfg, spec, rows, reports, device)
+
+
+class FindingTargets:
+    """Ground-truth findings of the training studies (``data.findings``), indexed by cache-index row: the targets
+    of the ``supervised`` control."""
+
+    def __init__(self, cfg: PretrainConfig, dataset, device):
+        ids, self.classes, y = read_findings(cfg.data.findings)
+        row_of = {row["id"]: int(n) for n, row in dataset.studies}
+        missing = [i for i in row_of if i not in set(ids)]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} training studies have no findings in {cfg.data.findings} (e.g. {missing[0]}); the "
+                "supervised control needs a label for every pre-training study"
+            )
+        self.y = torch.zeros(max(row_of.values()) + 1, len(self.classes))
+        for study, labels in zip(ids, y):
+            if study in row_of:
+                self.y[row_of[study]] = torch.from_numpy(labels)
+        self.y = self.y.to(device)
+        log.info(
+            "supervised control: %d findings (%s) for %d studies",
+            len(self.classes),
+            ", ".join(self.classes),
+            len(row_of),
+        )
+
+    def for_batch(self, batch: dict) -> torch.Tensor:
+        """(B, L) 0/1 targets of the batch's studies."""
+        return self.y[batch["index"].to(self.y.device)]

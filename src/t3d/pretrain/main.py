@@ -31,7 +31,7 @@ from t3d.config import PretrainConfig, load_config, save_config, to_dict
 from t3d.data.sampler import ResumableSampler
 from t3d.losses import PretrainObjective, method_spec
 from t3d.plots import plot_loss_curves
-from t3d.pretrain.data import build_dataset, build_text_lookup
+from t3d.pretrain.data import FindingTargets, build_dataset, build_text_lookup
 from t3d.pretrain.engine import (
     RunLog,
     StepContext,
@@ -81,7 +81,9 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
 
     dataset = build_dataset(cfg, spec)
     text = build_text_lookup(cfg, spec, dataset, device)
-    model = PretrainModel(cfg, spec, text_dim=text.dim).to(device)
+    targets = FindingTargets(cfg, dataset, device) if spec.findings else None
+    classes = targets.classes if targets is not None else []
+    model = PretrainModel(cfg, spec, text_dim=text.dim, num_findings=len(classes)).to(device)
     objective = PretrainObjective(cfg.loss, spec).to(device)
     if dist.is_distributed():
         model = dist.sync_batch_norm(model, device)
@@ -96,7 +98,9 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
-        text_for=text.for_batch,
+        text_for=text.for_batch
+        if targets is None
+        else lambda b: {**text.for_batch(b), "findings": targets.for_batch(b)},
         device=device,
         cfg=cfg.train,
         autocast_dtype=_autocast_dtype(cfg.train.precision, device),
@@ -111,6 +115,8 @@ def _run(cfg: PretrainConfig, resume: bool, device: torch.device) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     run_log = RunLog(run_dir, resume_step=start_step, enabled=dist.is_main())
     extra_state = {"text_mean": text.mean.cpu(), "text_model": text.model_id}
+    if classes:
+        extra_state["finding_classes"] = list(classes)
     if text.sent_mean is not None:
         extra_state["sent_mean"] = text.sent_mean.cpu()
     final = _loop(cfg, ctx, core, dataset, sampler, start_step, position, run_log, extra_state)

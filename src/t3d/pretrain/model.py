@@ -29,10 +29,11 @@ class PretrainModel(nn.Module):
     """Everything that carries trainable weights during pre-training.
 
     ``text_dim``: width Et of the frozen report embedding. Frozen text features are inputs, not submodules: they
-    are computed once and cached (``t3d.text``), so training never runs the text encoder.
+    are computed once and cached (``t3d.text``), so training never runs the text encoder. ``num_findings``: L, the
+    findings the ``supervised`` control predicts (its linear ``finding_head``; unused by the other methods).
     """
 
-    def __init__(self, cfg: PretrainConfig, spec: MethodSpec, text_dim: int):
+    def __init__(self, cfg: PretrainConfig, spec: MethodSpec, text_dim: int, num_findings: int = 0):
         super().__init__()
         self.cfg, self.spec = cfg, spec
         channels = cfg.crops.channels
@@ -59,6 +60,9 @@ class PretrainModel(nn.Module):
         )
         if self.decoder is not None:
             self.decoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        if spec.findings and num_findings < 1:
+            raise ValueError(f"method {spec.name!r} predicts findings: num_findings must be >= 1, got {num_findings}")
+        self.finding_head = nn.Linear(self.encoder.embed_channels, num_findings) if spec.findings else None
 
     def forward(self, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor], generator=None) -> dict:
         """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``.
@@ -69,6 +73,8 @@ class PretrainModel(nn.Module):
         if self.spec.whole_volume:
             return self._forward_whole(batch["volume"], text)
         views = batch["views"]
+        if self.finding_head is not None and self.decoder is None and not self.spec.contrastive:
+            views = views[:, :, :1]  # the findings control uses one view per site: the second adds nothing to it
         b, k, v = views.shape[:3]
         x = views.flatten(0, 2)  # (B*K*2, C, D, H, W), ordered (study, site, view)
         out: dict[str, torch.Tensor] = {"frozen_text": text["frozen"]}
@@ -90,6 +96,10 @@ class PretrainModel(nn.Module):
             picked = [f.index_select(0, restore_idx) for f in feats]
             out["restored"] = self.decoder(picked, cond=cond, tokens=tokens, token_mask=token_mask)
             out["target"], out["mask"] = x[restore_idx], mask
+        if self.finding_head is not None:
+            # Study-level targets: the mean of the features of all its crops meets its findings.
+            out["finding_logits"] = self.finding_head(pooled.view(b, k * v, -1).mean(dim=1))  # (B, L)
+            out["finding_targets"] = text["findings"]
         self._text_outputs(out, text)
         return out
 

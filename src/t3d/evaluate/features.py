@@ -1,0 +1,129 @@
+"""Frozen-encoder features for the probes, computed once per checkpoint and kept on disk (docs/method.md §7).
+
+    enc = frozen_encoder("runs/pretrain/t3d")            # or frozen_encoder(None, cfg, seed=0): the random control
+    x, ids = study_features(enc, "cache", ids)           # (N, 2F): mean and max over the study's grid tiles
+    x = crop_features(enc, "cache", sites)               # (M, F): one crop per lesion-probe site
+    x, ids = cached("features/t3d_s0_study.pt", enc.fingerprint, lambda: study_features(enc, "cache", ids))
+
+Every method meets the same inputs and the same pooling: the fixed tile grid of ``t3d.data.grid`` at the
+checkpoint's crop size and windows (full resolution, never resized; also for ``clip``, whose encoder is fully
+convolutional and so reads tiles as it reads its shrunk volume), the encoder's own ``pool`` per tile (spatial
+mean + LayerNorm), then mean and max over the study's tiles concatenated. The max keeps a finding that lights up one
+tile of 27 from being averaged away; the mean carries diffuse findings (organ size, attenuation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t3d.config import PretrainConfig
+from t3d.data.cache import StudyCache
+from t3d.data.crops import apply_windows, read_crop, window_params
+from t3d.data.grid import GridCropDataset
+from t3d.evaluate.joint import encode_studies, load_joint
+from t3d.evaluate.lesions import CropSite
+from t3d.models import build_encoder
+from t3d.models.encoders import Encoder
+
+
+@dataclass
+class FrozenEncoder:
+    """An image encoder in eval mode with the inputs it was trained on."""
+
+    encoder: Encoder
+    crop_size: tuple[int, int, int]
+    windows: tuple[tuple[float, float], ...]
+    fingerprint: str
+    """Identifies the weights (checkpoint path, size, mtime; or the random seed and config): the cache key."""
+    device: torch.device
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, D, H, W) crops -> (N, F) pooled features."""
+        return self.encoder.pool(self.encoder.forward_features(x.to(self.device))).float().cpu()
+
+
+def frozen_encoder(
+    checkpoint: str | Path | None, cfg: PretrainConfig | None = None, seed: int = 0, device: torch.device | None = None
+) -> FrozenEncoder:
+    """The encoder of a ``t3d pretrain`` checkpoint, or with ``checkpoint=None`` a randomly initialised one built
+    from ``cfg`` with ``torch.manual_seed(seed)`` (the ``random`` control)."""
+    device = device or torch.device("cpu")
+    if checkpoint is not None:
+        jm = load_joint(checkpoint, device)
+        stat = os.stat(jm.path if Path(jm.path).is_file() else _final(Path(jm.path)))
+        fingerprint = f"{Path(jm.path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|step{jm.step}"
+        return FrozenEncoder(jm.model.encoder.eval(), jm.cfg.crops.size, jm.cfg.crops.windows, fingerprint, device)
+    if cfg is None:
+        raise ValueError("frozen_encoder: a random encoder (checkpoint=None) needs the PretrainConfig to build it from")
+    torch.manual_seed(seed)
+    encoder = build_encoder(cfg.model, in_channels=cfg.crops.channels, img_size=tuple(cfg.crops.size)).to(device)
+    spec = f"random|seed{seed}|{cfg.model}|{cfg.crops.size}|{cfg.crops.windows}"
+    return FrozenEncoder(encoder.eval(), cfg.crops.size, cfg.crops.windows, spec, device)
+
+
+def _final(run_dir: Path) -> Path:
+    """The checkpoint file ``load_joint`` reads for a run folder (``final.pt``, else the newest step)."""
+    ckpts = run_dir / "checkpoints"
+    final = ckpts / "final.pt"
+    return final if final.is_file() else max(ckpts.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+
+
+def pool_tiles(per_tile: torch.Tensor) -> torch.Tensor:
+    """(K, F) tile features -> (2F,): mean and max over the tiles."""
+    return torch.cat([per_tile.mean(dim=0), per_tile.max(dim=0).values])
+
+
+def study_features(
+    enc: FrozenEncoder,
+    cache: str | Path,
+    ids: Sequence[str] | None,
+    overlap: float = 0.25,
+    max_crops: int = 27,
+    crop_batch: int = 8,
+) -> tuple[torch.Tensor, list[str]]:
+    """(N, 2F) study features over the fixed grid of ``t3d.data.grid`` and the study ids, in ``ids`` order."""
+    data = GridCropDataset(cache, enc.crop_size, enc.windows, ids=ids, overlap=overlap, max_crops=max_crops)
+    per_study, out_ids = encode_studies(data, enc.embed, enc.device, crop_batch, desc="study features")
+    return torch.stack([pool_tiles(f) for f in per_study]), out_ids
+
+
+@torch.no_grad()
+def crop_features(enc: FrozenEncoder, cache: str | Path, sites: Sequence[CropSite], crop_batch: int = 16):
+    """(M, F) pooled features of the crop of ``enc.crop_size`` centred at each site (windowed, no augmentation)."""
+    store = StudyCache(cache)
+    params, size = window_params(enc.windows), np.asarray(enc.crop_size)
+    feats = []
+    for first in range(0, len(sites), crop_batch):
+        chunk = sites[first : first + crop_batch]
+        x = np.empty((len(chunk), len(params), *enc.crop_size), dtype=np.float32)
+        for i, site in enumerate(chunk):
+            hu = read_crop(store.image(site.key), np.asarray(site.centre) - size // 2, x[i, 0])
+            apply_windows(hu, params, x[i])
+        feats.append(enc.embed(torch.from_numpy(x)))
+    width = enc.encoder.embed_channels
+    return torch.cat(feats) if feats else torch.empty(0, width)
+
+
+def cached(path: str | Path, key: str, compute: Callable[[], object]):
+    """``compute()`` once per ``key`` (the encoder's fingerprint plus what else shapes the features), kept at
+    ``path`` (torch.save); a file with another key is recomputed and replaced."""
+    path = Path(path)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    if path.is_file():
+        stored = torch.load(path, weights_only=False)
+        if stored.get("key") == digest:
+            return stored["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"key": digest, "value": value}, tmp)
+    tmp.replace(path)
+    return value

@@ -1,0 +1,216 @@
+"""Frozen-encoder probes: oracle and constant features, the lesion-crop sampler, feature caching and the gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from t3d.config import CropConfig, ModelConfig, PretrainConfig
+from t3d.data.cache import StudyCache
+from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features
+from t3d.evaluate.gate import NOT_SENSITIVE, gate_entry, gate_table, is_sensitive, metric_kind, sensitive_metrics
+from t3d.evaluate.lesions import (
+    CropSite,
+    cross_check,
+    find_lesions,
+    lesion_sites,
+    relative_position,
+    window_has_lesion,
+)
+from t3d.evaluate.linear import fit_probe
+from t3d.evaluate.probes import (
+    cluster_auroc,
+    lesion_probe,
+    paired_cluster_auroc,
+    paired_macro_auroc,
+    size_stratum,
+    stratum_names,
+    study_probe,
+)
+
+LESIONS = (9, 10, 11, 12)
+
+
+def _split(n: int) -> np.ndarray:
+    return np.array(["train"] * (n // 2) + ["val"] * (n // 4) + ["test"] * (n - n // 2 - n // 4))
+
+
+def _labels(n: int, classes: int = 3, seed: int = 0) -> np.ndarray:
+    return (np.random.default_rng(seed).random((n, classes)) < 0.3).astype(np.float32)
+
+
+def test_study_probe_oracle_features_give_auroc_one():
+    y = _labels(240)
+    noise = np.random.default_rng(1).normal(size=(240, 5)).astype(np.float32)
+    x = np.concatenate([y * 3.0, noise], axis=1)  # the labels themselves, plus nuisance features
+    out = study_probe(x, y, _split(240), ["a", "b", "c"], n_boot=200)
+    assert out["metrics"]["macro"]["auroc"]["value"] > 0.99
+    assert out["metrics"]["macro"]["auroc"]["low"] > 0.95
+    for name in "abc":
+        assert out["metrics"]["per_class"][name]["auroc"]["value"] > 0.99
+
+
+def test_study_probe_constant_features_give_chance():
+    y = _labels(240)
+    out = study_probe(np.ones((240, 4), np.float32), y, _split(240), ["a", "b", "c"], n_boot=200)
+    assert out["metrics"]["macro"]["auroc"]["value"] == pytest.approx(0.5)
+
+
+def _sites_and_features(oracle: bool, n_studies: int = 120, seed: int = 0):
+    """Per study one lesion of random size and one matched negative from another (lesion-free) study."""
+    rng = np.random.default_rng(seed)
+    sites, feats = [], []
+    for g in range(n_studies):
+        diameter = float(rng.uniform(3, 25))
+        sites.append(CropSite(f"p{g}", f"p{g}", (0, 0, 0), 1, diameter, g))
+        sites.append(CropSite(f"n{g}", f"n{g}", (0, 0, 0), 0, diameter, g))
+    for s in sites:
+        signal = float(s.label) if oracle else 1.0
+        feats.append([signal * 2.0, *rng.normal(size=3)])
+    split = {s.study: ("train", "train", "val", "test", "test")[int(s.study[1:]) % 5] for s in sites}
+    return np.asarray(feats, np.float32), sites, split
+
+
+def test_lesion_probe_oracle_and_constant_per_size_stratum():
+    x, sites, split = _sites_and_features(oracle=True)
+    out = lesion_probe(x, sites, split, thresholds=(10.0,), n_boot=200)
+    assert set(out["strata"]) == {"small", "large"}
+    for entry in out["strata"].values():
+        assert entry["value"] > 0.99 and entry["positives"] > 0 and entry["negatives"] == entry["positives"]
+    x, sites, split = _sites_and_features(oracle=False)
+    x[:, 1:] = 0.0  # constant features
+    out = lesion_probe(x, sites, split, thresholds=(10.0,), n_boot=200)
+    for entry in out["strata"].values():
+        assert entry["value"] == pytest.approx(0.5)
+
+
+def test_size_strata_follow_configurable_thresholds():
+    assert [size_stratum(d, (10.0,)) for d in (4.0, 9.99, 10.0, 30.0)] == [0, 0, 1, 1]
+    assert [size_stratum(d, (5.0, 15.0)) for d in (4.0, 10.0, 20.0)] == [0, 1, 2]
+    assert stratum_names((5.0, 15.0)) == ["lt5mm", "5-15mm", "ge15mm"]
+
+
+def test_paired_differences_and_cluster_interval():
+    rng = np.random.default_rng(0)
+    y = np.tile([1.0, 0.0], 100)
+    good = y + rng.normal(scale=0.3, size=200)
+    bad = rng.normal(size=200)
+    clusters = np.repeat(np.arange(50), 4)
+    delta = paired_cluster_auroc(y, good, bad, clusters, n_boot=300)
+    assert delta["value"] > 0.3 and delta["low"] > 0
+    same = paired_cluster_auroc(y, good, good, clusters, n_boot=100)
+    assert same["value"] == 0 and same["low"] == 0 and same["high"] == 0
+    single = cluster_auroc(y, good, clusters, n_boot=100)
+    assert single["low"] <= single["value"] <= single["high"]
+    ym = np.stack([y, 1 - y], axis=1)
+    macro = paired_macro_auroc(ym, np.stack([good, -good], 1), np.stack([bad, bad], 1), n_boot=200)
+    assert macro["value"] > 0.3 and macro["low"] > 0
+
+
+def test_fit_probe_ties_keep_the_strongest_regularisation():
+    probe = fit_probe(np.ones((20, 3)), _labels(20, 1), np.ones((8, 3)), _labels(8, 1, seed=3), l2_grid=(0.01, 1.0))
+    assert probe.l2 == 1.0 and len(probe.sweep) == 2
+
+
+# ----------------------------------------------------------------------------------------------- lesion sampler
+
+
+def test_find_lesions_and_window_check():
+    label = np.zeros((20, 20, 20), np.uint8)
+    label[2:4, 2:4, 2:4] = 9  # 8 voxels
+    label[10:16, 10:16, 10:16] = 11  # 216 voxels
+    label[10:12, 2:4, 2:4] = 3  # an organ, not a lesion class
+    lesions = sorted(find_lesions(label, LESIONS, (1.0, 1.0, 1.0)), key=lambda les: les.voxels)
+    assert [(les.label, les.voxels) for les in lesions] == [(9, 8), (11, 216)]
+    assert lesions[1].diameter_mm == pytest.approx((6 * 216 / np.pi) ** (1 / 3))
+    assert all(label[les.centre] == les.label for les in lesions)
+    assert window_has_lesion(label, (12, 12, 12), (4, 4, 4), LESIONS)
+    assert not window_has_lesion(label, (11, 3, 3), (2, 2, 2), LESIONS)
+    assert relative_position((5, 0, 10), (np.zeros(3), np.array([10, 10, 10]))).tolist() == [0.5, 0.0, 1.0]
+
+
+def test_negative_crops_never_hold_a_lesion(tiny_cache):
+    cache = StudyCache(tiny_cache.cache)
+    size = (32, 32, 32)
+    sites = lesion_sites(cache, None, LESIONS, size, negatives_per_lesion=3, seed=0)
+    positives = [s for s in sites if s.label == 1]
+    negatives = [s for s in sites if s.label == 0]
+    assert positives and len(negatives) == 3 * len(positives)
+    with_lesion = {s.study for s in positives}
+    for s in negatives:
+        assert s.study not in with_lesion
+        assert not window_has_lesion(cache.label(s.key), s.centre, size, LESIONS)
+        assert s.group in {p.group for p in positives}
+    for s in positives:
+        assert window_has_lesion(cache.label(s.key), s.centre, size, LESIONS)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_features_are_cached_per_encoder(tiny_cache, tmp_path):
+    cfg = PretrainConfig(
+        crops=CropConfig(size=(32, 32, 32)), model=ModelConfig(encoder="resnet", preset="tiny", embed_dim=16)
+    )
+    enc = frozen_encoder(None, cfg, seed=0)
+    ids = [row["id"] for row in StudyCache(tiny_cache.cache).index()[:3]]
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return study_features(enc, tiny_cache.cache, ids, max_crops=4)
+
+    x, out_ids = cached(tmp_path / "f.pt", enc.fingerprint, compute)
+    again, _ = cached(tmp_path / "f.pt", enc.fingerprint, compute)
+    assert len(calls) == 1 and out_ids == ids and torch.equal(x, again)
+    assert x.shape == (3, 2 * enc.encoder.embed_channels)
+    other = frozen_encoder(None, cfg, seed=1)
+    cached(tmp_path / "f.pt", other.fingerprint, compute)
+    assert len(calls) == 2
+    sites = lesion_sites(tiny_cache.cache, ids, LESIONS, (32, 32, 32))
+    assert crop_features(enc, tiny_cache.cache, sites).shape == (len(sites), enc.encoder.embed_channels)
+
+
+# ----------------------------------------------------------------------------------------------- gate
+
+
+def test_gate_logic():
+    assert metric_kind("study_probe_auroc") == "auroc" and metric_kind("frozen_seg_organ_dice") == "dice"
+    with pytest.raises(ValueError, match="neither"):
+        metric_kind("hd95")
+    assert is_sensitive(0.2, 0.05, 0.3, 0.15)
+    assert not is_sensitive(0.2, -0.01, 0.4, 0.15)  # CI includes 0
+    assert not is_sensitive(0.12, 0.05, 0.2, 0.15)  # below the threshold
+    assert not is_sensitive(float("nan"), 0.1, 0.2, 0.15)
+    gate = {
+        "study_probe_auroc": gate_entry("study_probe_auroc", {"value": 0.3, "low": 0.2, "high": 0.4}),
+        "organ_dice": gate_entry(
+            "organ_dice", {"value": 0.12, "low": -0.01, "high": 0.2}, {"value": 0.01, "low": -0.1, "high": 0.1}
+        ),
+        "lesion_dice": gate_entry("lesion_dice", {"value": 0.11, "low": 0.02, "high": 0.2}),
+    }
+    assert sensitive_metrics(gate) == ["study_probe_auroc", "lesion_dice"]
+    entry = gate["organ_dice"]
+    for key in ("supervised_minus_random", "ci_low", "ci_high", "vssl_minus_random", "vssl_ci_low", "sensitive"):
+        assert key in entry
+    assert entry["threshold"] == 0.10 and entry["vssl_minus_random"] == 0.01
+    rows = gate_table(gate)
+    assert len(rows) == 5
+    assert NOT_SENSITIVE in rows[3] and "color:grey" in rows[3] and NOT_SENSITIVE not in rows[2]
+
+
+def test_strong_penalty_still_moves_from_zero_weights():
+    rng = np.random.default_rng(0)
+    y = np.tile([1.0, 0.0], 150)[:, None].astype(np.float32)
+    x = (rng.normal(size=(300, 64)) + 0.3 * y).astype(np.float32)  # a weak signal in every feature
+    for l2 in (10.0, 0.01):
+        probe = fit_probe(x[:200], y[:200], x[200:], y[200:], l2_grid=(l2,))
+        assert probe.head.weight.abs().max() > 0
+        assert len(np.unique(probe.scores(x[200:]))) > 1
+
+
+def test_lesions_agree_with_the_synthetic_ground_truth(tiny_cache):
+    check = cross_check(tiny_cache.cache, tiny_cache.data / "ground_truth.jsonl", LESIONS)
+    assert check["studies"] == tiny_cache.num_studies and check["recorded"] > 0
+    assert check["found"] == check["recorded"] and check["studies_agreeing"] == check["studies"]
+    assert check["centres_checked"] == check["recorded"] == check["centres_on_lesion"]
+    assert 0.5 < check["median_diameter_over_size"] < 2.0
