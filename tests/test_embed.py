@@ -52,7 +52,7 @@ def test_embed_writes_aligned_image_feature_and_text_embeddings(tiny, capsys):
 
 
 def test_image_embedding_is_the_normalised_mean_of_grid_crop_embeddings(tiny):
-    from t3d.evaluate.grid import GridCropDataset
+    from t3d.data.grid import GridCropDataset
     from t3d.evaluate.joint import load_joint
 
     out = tiny["root"] / "emb_t3d"

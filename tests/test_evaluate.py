@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cls_helpers import synth_dataset, write_checkpoint
 from t3d.cli import main
-from t3d.evaluate.grid import GridCropDataset, grid_centres
+from t3d.data.grid import GridCropDataset, grid_centres
 from t3d.evaluate.retrieval import recall_hits, retrieval_metrics
 from t3d.evaluate.zeroshot import build_prompts, ensemble, finding_phrase, zeroshot_probabilities
 from t3d.metrics import auroc_per_class

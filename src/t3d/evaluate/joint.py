@@ -6,7 +6,7 @@
     t = text_embeddings(jm, ["There is a nodule."], "text_cache")  # (M, E) unit norm
 
 A study embedding is built as in pre-training (``PretrainModel``: ``u = normalise(mean_k z_k)`` over the study's
-crop embeddings), here over the deterministic grid of ``t3d.evaluate.grid`` instead of random sites. Text goes
+crop embeddings), here over the deterministic grid of ``t3d.data.grid`` instead of random sites. Text goes
 through the same frozen encoder the checkpoint was trained with, is centred by the checkpoint's ``text_mean`` (the
 pre-training corpus mean, not the mean of the new texts: a handful of prompts has a very different mean) and is
 projected by the text head.
@@ -28,7 +28,7 @@ from tqdm import tqdm
 from t3d.checkpoint import load_checkpoint
 from t3d.config import PretrainConfig, TextConfig, from_dict
 from t3d.data.crops import WholeVolumeDataset
-from t3d.evaluate.grid import GridCropDataset
+from t3d.data.grid import GridCropDataset
 from t3d.losses import MethodSpec, method_spec
 from t3d.pretrain.model import PretrainModel
 

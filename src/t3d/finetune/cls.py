@@ -29,7 +29,7 @@ from t3d.checkpoint import save_checkpoint
 from t3d.config import ConfigError, load_config, save_config, to_dict
 from t3d.data.cache import write_json_atomic
 from t3d.data.crops import CropDataset, WholeVolumeDataset
-from t3d.evaluate.grid import GridCropDataset
+from t3d.data.grid import GridCropDataset
 from t3d.evaluate.joint import default_device
 from t3d.evaluate.report import classification_markdown, plot_roc, plot_training_curves, write_metrics
 from t3d.finetune.clsdata import prepare_label_cache, read_labels, split_studies
