@@ -81,7 +81,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = found
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    model_cfg = state.get("config", {}).get("model") if isinstance(state.get("config"), dict) else None
+    if isinstance(model_cfg, dict) and "norm" not in model_cfg:
+        model_cfg["norm"] = "batch"  # a config without model.norm was trained with BatchNorm (MONAI's default)
+    return state
 
 
 def rng_state() -> dict[str, Any]:

@@ -177,6 +177,11 @@ class ModelConfig:
     preset: str = "tiny"
     """swinvit: ``tiny`` (feature size 12, CPU/tests), ``small`` (24), ``base`` (48); resnet: ``tiny`` (ResNet-10 at
     quarter width, CPU/tests), ``10``, ``18``, ``50``."""
+    norm: str = "group"
+    """resnet only: its norm layers, ``group`` (8 groups), ``instance`` or ``batch``. ``group`` and ``instance`` do
+    not depend on the other samples of a batch, which the tiled study path needs (its chunked gradients are exact
+    only then); ``instance`` needs more than one voxel in the deepest (stride 32) map. swinvit always uses LayerNorm,
+    which does not depend on the batch either."""
     swin_v2: bool = False
     """swinvit only: SwinUNETR-v2 residual conv block before each stage (load into ``SwinUNETR(use_v2=True)``)."""
     embed_dim: int = 128
@@ -190,6 +195,7 @@ class ModelConfig:
         _check_choice("model.encoder", self.encoder, ("swinvit", "resnet"))
         _check_choice(f"model.preset (for model.encoder={self.encoder})", self.preset, ENCODER_PRESETS[self.encoder])
         _check_choice("model.conditioning", self.conditioning, ("film", "cross_attention", "none"))
+        _check_choice("model.norm", self.norm, ("group", "instance", "batch"))
 
 
 @dataclass
