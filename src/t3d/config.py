@@ -19,9 +19,11 @@ __all__ = ["ConfigError", "from_dict", "load_config", "parse_overrides", "save_c
 
 METHODS = (
     "t3d",
+    "t3d-tiles",
     "t3d-no-align",
     "t3d-hard",
     "t3d-sentence",
+    "t3d-sentence-tiles",
     "t3d-cross-attention",
     "t3d-uncond",
     "vssl",
@@ -228,6 +230,36 @@ class LossConfig:
 
 
 @dataclass
+class TileConfig:
+    """The tiled study embedding (methods whose study path is ``tiles``, e.g. ``t3d-tiles``; docs/method.md §3).
+
+    Every study is covered by a fixed, overlapping grid of full-resolution tiles of ``crops.size`` (no resizing);
+    the study embedding is an attention pooling of the tiles' encoder features, and its gradient reaches the
+    encoder through GradCache (pass 1 without a graph, pass 2 in chunks of ``chunk`` tiles).
+    """
+
+    overlap: float = 0.25
+    """Overlap of neighbouring tiles, as a fraction of the tile size (``t3d.data.grid.grid_centres``)."""
+    max_tiles: int = 27
+    """Tiles per study at most; when the body needs more, those holding the most body voxels are kept."""
+    chunk: int = 8
+    """Tiles per encoder pass with a graph (GradCache pass 2): peak memory is one chunk plus the tile features."""
+    heads: int = 4
+    """Attention heads of the pooling (must divide the encoder's pooled width)."""
+    frequencies: int = 4
+    """Sine/cosine frequencies per axis of the tile-centre position encoding (2^0 .. 2^(f-1) times pi)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"tiles.overlap must be in [0, 1) (fraction of the tile size), got {self.overlap}")
+        if self.max_tiles < 1 or self.chunk < 1 or self.heads < 1 or self.frequencies < 1:
+            raise ConfigError(
+                "tiles.max_tiles, tiles.chunk, tiles.heads and tiles.frequencies must be >= 1, got "
+                f"{self.max_tiles}, {self.chunk}, {self.heads}, {self.frequencies}"
+            )
+
+
+@dataclass
 class ClipConfig:
     """The ``clip`` baseline: the whole volume downsampled to a fixed grid (CT-CLIP style)."""
 
@@ -280,6 +312,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    tiles: TileConfig = field(default_factory=TileConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:

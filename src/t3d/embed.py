@@ -4,7 +4,8 @@
 
 Writes, row i = study ``ids.json[i]``:
 
-    image.npy     float32 (N, E)  joint-space study embedding, unit norm: normalise(mean over grid crops of z)
+    image.npy     float32 (N, E)  joint-space study embedding, unit norm: normalise(mean over grid crops of z); tiled
+                                  methods: the attention pooling of the training tiles (``tiles.*`` of the checkpoint)
     features.npy  float32 (N, F)  encoder features (``Encoder.pool``) averaged over the crops: for probes/clustering
     text.npy      float32 (N, E)  report embeddings (checkpoints with a text head; NaN rows for studies without text)
     ids.json, index.csv (row, id, has_text), meta.json (checkpoint, method, step, widths)
@@ -79,7 +80,7 @@ def run_embed(
     text_model: str | None = None,
 ) -> dict:
     """Embed the studies of ``manifest``; returns what ``meta.json`` holds."""
-    from t3d.evaluate.joint import encode_studies, load_joint, study_dataset, text_embeddings
+    from t3d.evaluate.joint import encode_studies, load_joint, pool_tiles, study_dataset, text_embeddings
     from t3d.evaluate.studies import cached_ids, prepare_cache, read_split, report_texts
 
     out = Path(out)
@@ -99,6 +100,8 @@ def run_embed(
     per_study, got = encode_studies(data, crop_fn, jm.device, crop_batch, workers, desc="embed")
     mean = torch.stack([f.mean(dim=0) for f in per_study])  # (N, F + E)
     features, image = mean[:, :width], F.normalize(mean[:, width:], dim=-1)
+    if jm.spec.tiles:  # the study embedding training optimised: attention pooling of the tiles
+        image = pool_tiles(jm, data, [f[:, :width] for f in per_study])
     np.save(out / "image.npy", image.numpy().astype(np.float32))
     np.save(out / "features.npy", features.numpy().astype(np.float32))
     files = ["image.npy", "features.npy"]
@@ -126,7 +129,9 @@ def run_embed(
         "image_dim": int(image.shape[1]),
         "feature_dim": int(width),
         "text": bool(jm.has_joint_space),
-        "input": "whole volume" if jm.spec.whole_volume else f"grid crops {list(jm.cfg.crops.size)}, <= {max_crops}",
+        "input": "whole volume"
+        if jm.spec.whole_volume
+        else f"grid crops {list(jm.cfg.crops.size)}, <= {data.max_crops}",
         "files": files + ["ids.json", "index.csv"],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

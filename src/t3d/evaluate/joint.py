@@ -6,7 +6,10 @@
     t = text_embeddings(jm, ["There is a nodule."], "text_cache")  # (M, E) unit norm
 
 A study embedding is built as in pre-training (``PretrainModel``: ``u = normalise(mean_k z_k)`` over the study's
-crop embeddings), here over the deterministic grid of ``t3d.data.grid`` instead of random sites. Text goes
+crop embeddings), here over the deterministic grid of ``t3d.data.grid`` instead of random sites. Tiled methods
+(``spec.tiles``) were trained on that very grid: evaluation uses the checkpoint's ``tiles.overlap`` and
+``tiles.max_tiles`` (whatever the caller asks for) and the checkpoint's attention pooling, so ``u`` is the function
+training optimised. Text goes
 through the same frozen encoder the checkpoint was trained with, is centred by the checkpoint's ``text_mean`` (the
 pre-training corpus mean, not the mean of the new texts: a handful of prompts has a very different mean) and is
 projected by the text head.
@@ -112,9 +115,12 @@ def study_dataset(
     max_crops: int = 27,
 ) -> Dataset:
     """How the checkpoint's encoder sees a whole study: grid crops at its crop size and windows, or for a
-    whole-volume method (``clip``) the whole volume resized to its ``clip.grid``."""
+    whole-volume method (``clip``) the whole volume resized to its ``clip.grid``. Tiled methods: the training
+    tiles (``tiles.overlap``, ``tiles.max_tiles``); ``overlap`` and ``max_crops`` are then ignored."""
     if spec.whole_volume:
         return WholeVolumeDataset(cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids)
+    if spec.tiles:
+        overlap, max_crops = cfg.tiles.overlap, cfg.tiles.max_tiles
     return GridCropDataset(cache, cfg.crops.size, cfg.crops.windows, ids=ids, overlap=overlap, max_crops=max_crops)
 
 
@@ -152,14 +158,29 @@ def encode_studies(
 def image_embeddings(
     jm: JointModel, dataset: Dataset, crop_batch: int = 8, workers: int = 0
 ) -> tuple[torch.Tensor, list[str]]:
-    """Study embeddings (N, E), unit norm: normalise(mean over the study's crops of the image head's z)."""
+    """Study embeddings (N, E), unit norm: normalise(mean over the study's crops of the image head's z), or for
+    tiled methods the attention pooling of the study's tile features (``pool_tiles``)."""
     model = jm.model
+    if jm.spec.tiles:
+        per_study, ids = encode_studies(dataset, model.tile_features, jm.device, crop_batch, workers, desc="tiles")
+        return pool_tiles(jm, dataset, per_study), ids
 
     def crop_fn(x: torch.Tensor) -> torch.Tensor:
         return model.image_head(model.encoder.pool(model.encoder.forward_features(x)))  # (K, E) unit norm
 
     per_study, ids = encode_studies(dataset, crop_fn, jm.device, crop_batch, workers, desc="image embeddings")
     return F.normalize(torch.stack([z.mean(dim=0) for z in per_study]), dim=-1), ids
+
+
+@torch.no_grad()
+def pool_tiles(jm: JointModel, dataset: GridCropDataset, per_study: list[torch.Tensor]) -> torch.Tensor:
+    """Study embeddings (N, E) of a tiled checkpoint from each study's tile features (K_s, F), in dataset order:
+    the checkpoint's ``TilePooling`` with the tiles' body positions, as in pre-training."""
+    out = []
+    for index, feats in enumerate(per_study):
+        pos = torch.from_numpy(dataset.positions(index))[None].to(jm.device)
+        out.append(jm.model.tile_pool(feats[None].to(jm.device), pos).float().cpu())
+    return torch.cat(out)
 
 
 def text_config(jm: JointModel, model: str | None = None) -> TextConfig:

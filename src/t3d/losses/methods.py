@@ -30,6 +30,9 @@ class MethodSpec:
     """Restoration decoder conditioning: ``film`` / ``cross_attention`` / ``none``; None = ``model.conditioning``."""
     whole_volume: bool = False
     """Input is the whole volume resized to ``clip.grid`` instead of crops (the ``clip`` baseline)."""
+    tiles: bool = False
+    """The study embedding of L_align pools a fixed grid of full-resolution tiles covering the body (``tiles``
+    config; GradCache step) instead of averaging the random crop sites; L_view and TIR stay on the crop views."""
 
     @property
     def contrastive(self) -> bool:
@@ -48,17 +51,19 @@ class MethodSpec:
 
 # fmt: off
 _TABLE = (
-    # name                  view   soft   align       restore conditioning       whole_volume
-    ("t3d",                 True,  True,  "global",   True,   None,              False),
-    ("t3d-no-align",        True,  True,  "none",     True,   None,              False),
-    ("t3d-hard",            True,  False, "global",   True,   None,              False),
-    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False),
-    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False),
-    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False),
-    ("vssl",                True,  False, "none",     True,   "none",            False),
-    ("vssl-contrastive",    True,  False, "none",     False,  "none",            False),
-    ("vssl-restore",        False, False, "none",     True,   "none",            False),
-    ("clip",                False, False, "global",   False,  "none",            True),
+    # name                  view   soft   align       restore conditioning       whole_volume tiles
+    ("t3d",                 True,  True,  "global",   True,   None,              False,       False),
+    ("t3d-tiles",           True,  True,  "global",   True,   None,              False,       True),
+    ("t3d-no-align",        True,  True,  "none",     True,   None,              False,       False),
+    ("t3d-hard",            True,  False, "global",   True,   None,              False,       False),
+    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False,       False),
+    ("t3d-sentence-tiles",  True,  True,  "sentence", True,   None,              False,       True),
+    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False,       False),
+    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False,       False),
+    ("vssl",                True,  False, "none",     True,   "none",            False,       False),
+    ("vssl-contrastive",    True,  False, "none",     False,  "none",            False,       False),
+    ("vssl-restore",        False, False, "none",     True,   "none",            False,       False),
+    ("clip",                False, False, "global",   False,  "none",            True,       False),
 )
 # fmt: on
 _SPECS = {row[0]: MethodSpec(*row) for row in _TABLE}

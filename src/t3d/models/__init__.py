@@ -2,6 +2,7 @@
 
 from t3d.models.encoders import PRESETS, Encoder, ResNetEncoder, SwinEncoder, build_encoder, check_crop_size
 from t3d.models.heads import LogitScale, ProjectionHead
+from t3d.models.pooling import TilePooling
 from t3d.models.restoration import RestorationDecoder
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "ResNetEncoder",
     "RestorationDecoder",
     "SwinEncoder",
+    "TilePooling",
     "build_encoder",
     "check_crop_size",
 ]

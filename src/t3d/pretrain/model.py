@@ -6,6 +6,12 @@ restored, the first stays clean: L_view then pairs a clean view with a masked on
 and the study embedding that meets the report in L_align is the mean of the clean views only. Masking every view
 (Swin UNETR SSL style) kept L_align at log B for 150 steps in a test here, while clean views learned. Methods
 without contrastive terms mask and restore both views; methods without restoration see clean views.
+
+Tiled methods (``spec.tiles``) keep L_view and TIR on the crop views but take the study embedding of L_align from
+the study's fixed grid of full-resolution tiles: ``tile_features`` encodes tiles, ``TilePooling`` pools them. The
+tile features come either from a forward with a graph (``forward`` without ``tile_feats``: evaluation and the
+reference path of the tests) or, in training, from GradCache (``t3d.pretrain.gradcache``), which hands ``forward``
+graph-free features as a leaf and back-propagates their gradient through the encoder chunk by chunk.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import nn
 
 from t3d.config import PretrainConfig
 from t3d.losses import MethodSpec, corrupt, random_cube_mask
-from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, build_encoder
+from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, TilePooling, build_encoder
 
 
 class PretrainModel(nn.Module):
@@ -44,9 +50,47 @@ class PretrainModel(nn.Module):
         )
         if self.decoder is not None:
             self.decoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
+        self.tile_pool = None
+        if spec.tiles:
+            if cfg.model.encoder == "resnet" and cfg.model.norm == "batch":
+                raise ValueError(
+                    f"method {spec.name!r} embeds each study from its tiles in chunks (GradCache), which is exact only "
+                    "with norm layers that do not depend on the batch; model.norm=batch is not: set model.norm=group "
+                    "(or instance) in the config or on the command line (--model.norm group)"
+                )
+            self.tile_pool = TilePooling(self.encoder.embed_channels, width, cfg.tiles.heads, cfg.tiles.frequencies)
 
-    def forward(self, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor], generator=None) -> dict:
-        """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``.
+    def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder features (N, F) of N tiles (N, C, D, H, W): the unit that GradCache caches."""
+        return self.encoder.pool(self.encoder.forward_features(tiles))
+
+    def tile_study_outputs(self, batch: dict, tile_feats: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Study-level outputs of the tiled path from ``batch["tiles"]`` (B, T, C, D, H, W), ``tile_pos`` (B, T, 3),
+        ``tile_mask`` (B, T): ``study_emb`` (B, E) and, for ``align: sentence``, ``tile_emb`` (B, T, E) with
+        ``tile_mask``. ``tile_feats``: features (N, F) of the N real tiles in batch order (GradCache's leaf);
+        None encodes them here with a graph."""
+        mask = batch["tile_mask"].bool()
+        b, t = mask.shape
+        if tile_feats is None:
+            tile_feats = self.tile_features(batch["tiles"][mask])
+        real = mask.flatten().nonzero().squeeze(1)
+        feats = tile_feats.new_zeros(b * t, tile_feats.shape[-1]).index_copy(0, real, tile_feats).view(b, t, -1)
+        pos = batch["tile_pos"].to(feats.dtype)
+        out = {"study_emb": self.tile_pool(feats, pos, mask)}
+        if self.spec.align == "sentence":
+            out["tile_emb"], out["tile_mask"] = self.tile_pool.tile_embeddings(feats, pos), mask
+        return out
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        text: dict[str, torch.Tensor],
+        generator=None,
+        tile_feats: torch.Tensor | None = None,
+    ) -> dict:
+        """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``;
+        tiled methods also read ``tiles`` / ``tile_pos`` / ``tile_mask`` (see ``tile_study_outputs``, which also
+        explains ``tile_feats``).
 
         ``text``: per-study frozen features for this batch: ``frozen`` (B, Et) centred + normalised, and when needed
         ``tokens`` (B, L, Et) / ``token_mask`` (B, L), ``sent`` (S, Et) / ``sent_owner`` (S,) local study indices.
@@ -68,7 +112,10 @@ class PretrainModel(nn.Module):
         z = self.image_head(self.encoder.pool(feats)).view(b, k, v, -1)  # (B, K, 2, E), L2-normalised
         out["crop_emb"] = z
         clean = z[:, :, 0] if restore_idx is not None and self.spec.contrastive else z.flatten(1, 2)
-        out["study_emb"] = nn.functional.normalize(clean.mean(dim=1), dim=-1)  # (B, E)
+        if self.tile_pool is not None:
+            out.update(self.tile_study_outputs(batch, tile_feats))
+        else:
+            out["study_emb"] = nn.functional.normalize(clean.mean(dim=1), dim=-1)  # (B, E)
         if restore_idx is not None:
             per_study = len(restore_idx) // b
             cond, tokens, token_mask = self._conditioning_inputs(text, repeat=per_study)
