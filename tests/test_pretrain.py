@@ -123,15 +123,16 @@ def wait_for_checkpoint(proc: subprocess.Popen, run: Path, min_step: int, timeou
     raise AssertionError(f"no checkpoint for step >= {min_step} in {run} after {timeout} s")
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
+@pytest.mark.parametrize("method", ["t3d", "t3d-tiles"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path, method):
     steps = 8
     # 12 studies, batch 2: 6 batches per epoch, so the kill falls mid-epoch and the resumed run crosses epochs.
     extra = {"train.batch_size": 2, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "train.warmup_steps": 3}
     reference = tmp_path / "reference"
-    assert cli_main(pretrain_args(tiny_cache.cache, reference, "t3d", steps=steps, **extra)) == 0
+    assert cli_main(pretrain_args(tiny_cache.cache, reference, method, steps=steps, **extra)) == 0
 
     run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "t3d", *pretrain_args(tiny_cache.cache, run, "t3d", steps=steps, **extra)]
+    cmd = [sys.executable, "-m", "t3d", *pretrain_args(tiny_cache.cache, run, method, steps=steps, **extra)]
     stderr = tmp_path / "killed.stderr"  # a file, not a pipe: a full pipe buffer would stall the child
     with stderr.open("w") as err:
         proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=err)
@@ -152,7 +153,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = read_log(reference), read_log(run)
     assert [r["step"] for r in got] == list(range(1, steps + 1))  # one row per step: the killed run's tail is cut
-    terms = expected_terms("t3d") | {"grad_norm", "lr"}
+    terms = expected_terms(method) | {"grad_norm", "lr"}
     for a, b in zip(want, got, strict=True):
         for key in sorted(terms):
             assert torch.allclose(torch.tensor(b[key]), torch.tensor(a[key]), rtol=1e-5, atol=1e-7), (a["step"], key)
