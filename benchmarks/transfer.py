@@ -1,14 +1,14 @@
-"""Transfer benchmark (METHOD §7): does text-informed pre-training beat visual SSL and CLIP-style pre-training?
+"""Transfer benchmark (docs/method.md §7): does text-informed pre-training beat visual SSL and CLIP-style pre-training?
 
     python benchmarks/transfer.py --config benchmarks/transfer_cpu.yaml            # the 2-hour CPU configuration
     python benchmarks/transfer.py --config benchmarks/transfer_cpu.yaml --smoke    # 2 methods x 1 seed, minutes
     python benchmarks/transfer.py --config benchmarks/transfer_cpu.yaml --report-only   # tables from what is done
     python benchmarks/transfer.py --config ... --methods t3d,vssl --seg.steps 50     # dotted overrides as in t3d
 
-For every method of METHOD §5 (``random`` = no pre-training) and seed: pre-train on the unlabeled (volume, report)
-pairs of the pretrain split; fine-tune segmentation (organs + lesions) and a linear probe for findings at each label
-fraction of the labelled finetune split; test on the held-out test split; for methods with a joint image-text space
-also zero-shot classification and image-report retrieval; for ``diagnostic_methods`` the "does the text matter"
+For every method of docs/method.md §5 (``random`` = no pre-training) and seed: pre-train on the unlabeled (volume,
+report) pairs of the pretrain split; fine-tune segmentation (organs + lesions) and a linear probe for findings at each
+label fraction of the labelled finetune split; test on the held-out test split; for methods with a joint image-text
+space also zero-shot classification and image-report retrieval; for ``diagnostic_methods`` the "does the text matter"
 control (restoration error with the true vs a shuffled report). Everything runs through the package's own APIs.
 
 Stages are cached: each writes ``result.json`` into its folder under ``benchmarks/work/<name>/`` (``data/``,
@@ -29,213 +29,19 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from t3d.config import ConfigError, load_config, to_dict  # noqa: E402
-from t3d.data.cache import write_json_atomic  # noqa: E402
+from t3d.config import ConfigError, to_dict
+from t3d.data.cache import write_json_atomic
+from t3d.losses import method_spec
+from transfer_config import TransferConfig, load_transfer_config, run_stages
+from transfer_plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT = "result.json"
-
-
-def has_joint_space(method: str) -> bool:
-    """Pre-trained with image-report alignment (t3d family, clip): zero-shot and retrieval are defined."""
-    from t3d.losses import method_spec
-
-    return method != "random" and method_spec(method).align != "none"
-
-
-# ----------------------------------------------------------------------------------------------- configuration
-
-
-@dataclass
-class SyntheticData:
-    """``t3d synth`` settings when the benchmark makes its own data."""
-
-    num_studies: int = 80
-    """Studies generated; split 60/20/20 into pretrain / finetune / test by the generator."""
-    seed: int = 0
-    preset: str = "small"
-    workers: int = 2
-
-
-@dataclass
-class DataPaths:
-    """Where the three datasets are. With ``synthetic`` set, empty paths point into the generated folder."""
-
-    synthetic: SyntheticData | None = field(default_factory=SyntheticData)
-    """Generate a synthetic dataset (``null`` for real data: then every path below is needed)."""
-    pretrain_manifest: str = ""
-    """Pre-training manifest (JSONL/CSV, CT-RATE layout read as is); synthetic: pretrain.jsonl."""
-    pretrain_root: str = ""
-    """Folder the manifest's images resolve against (default: the manifest's folder)."""
-    splits: str = ""
-    """JSON split file {"pretrain", "finetune", "test"}: pre-training reads 'pretrain' (empty: the whole manifest),
-    classification trains on 'finetune' and tests on ``test_split``, held-out evaluation uses ``test_split``."""
-    test_split: str = "test"
-    pretrain_split: str = "pretrain"
-    """Split of ``splits`` pre-training reads; empty = the whole manifest (e.g. CT-RATE's train reports)."""
-    seg_dataset: str = ""
-    """MSD/BTCV ``dataset.json``; synthetic: dataset.json (training = finetune split, test = test split)."""
-    seg_max_test: int = 0
-    """Score segmentation on at most this many of the labelled test studies (the first by id; 0 = all)."""
-    lesion_labels: list[int] | None = None
-    """Classes averaged as 'lesion Dice' (the rest are organs); null = names with lesion/tumour/nodule/cyst/..."""
-    cls_labels: str = ""
-    """Findings CSV (CT-RATE multi_abnormality_labels layout); synthetic: findings.csv."""
-    cls_images: str = ""
-    """Folder the CSV's VolumeName entries resolve against (default: the CSV's folder / images/)."""
-    heldout_manifest: str = ""
-    """Manifest with reports of the held-out studies (retrieval, text diagnostic); synthetic: reports.jsonl."""
-    heldout_root: str = ""
-
-
-@dataclass
-class EvalSettings:
-    """Zero-shot / retrieval settings (``t3d evaluate``)."""
-
-    n_boot: int = 200
-    """Bootstrap replicates inside each evaluation run (the report draws its own intervals)."""
-    overlap: float = 0.25
-    max_crops: int = 27
-    crop_batch: int = 8
-    workers: int = 0
-
-
-@dataclass
-class TransferConfig:
-    """The benchmark: methods x seeds x label fractions, and how each stage is configured."""
-
-    name: str = ""
-    """Work folder name under ``work`` (default: the config file's stem; ``--smoke`` appends ``-smoke``)."""
-    work: str = "benchmarks/work"
-    output: str = "benchmarks/results/transfer"
-    """Report path stem: <output>.md, .json, .png and <output>_align.png."""
-    main_methods: list[str] = field(
-        default_factory=lambda: ["random", "vssl", "vssl-contrastive", "vssl-restore", "clip", "t3d"]
-    )
-    ablations: list[str] = field(default_factory=lambda: ["t3d-no-align", "t3d-hard", "t3d-uncond"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    ablation_seeds: list[int] = field(default_factory=lambda: [0])
-    fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])
-    vssl_methods: list[str] = field(default_factory=lambda: ["vssl", "vssl-contrastive", "vssl-restore"])
-    """Candidates for 'the best vSSL baseline' (chosen per metric and fraction by its mean)."""
-    diagnostic_methods: list[str] = field(default_factory=lambda: ["t3d", "t3d-uncond"])
-    diagnostic_repeats: int = 1
-    """Draws of crop sites and masks per held-out study in the text diagnostic."""
-    data: DataPaths = field(default_factory=DataPaths)
-    pretrain_config: str = "configs/quickstart.yaml"
-    """PretrainConfig YAML every method starts from (repository-relative)."""
-    pretrain: dict = field(default_factory=dict)
-    """PretrainConfig overrides (nested or dotted keys); method, seed, data paths and train.out are set per run."""
-    seg: dict = field(default_factory=dict)
-    """SegConfig fields (``t3d finetune seg``); data, init, out, cache, fraction and seed are set per run."""
-    cls: dict = field(default_factory=dict)
-    """ClsConfig fields of the linear probe (``t3d finetune cls --probe``)."""
-    cls_finetune: dict | None = None
-    """ClsConfig fields of a full classification fine-tune; null = probe only."""
-    evaluate: EvalSettings = field(default_factory=EvalSettings)
-    n_boot: int = 2000
-    """Replicates of the report's two-level bootstrap (seeds x test cases)."""
-    threads: int = 0
-    """torch intra-op threads (0 = torch's default)."""
-    preprocess_workers: int = 1
-    """Processes preprocessing the pre-training and held-out studies into their caches."""
-    smoke: dict = field(default_factory=dict)
-    """Overrides applied by ``--smoke`` (nested or dotted keys of this config)."""
-
-
-def flatten(tree: dict, prefix: str = "") -> list[str]:
-    """Nested / dotted mapping -> ``["--a.b", "<json value>", ...]`` for ``t3d.config.load_config``."""
-    out: list[str] = []
-    for key, value in tree.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out += flatten(value, dotted)
-        else:
-            out += [f"--{dotted}", json.dumps(value)]
-    return out
-
-
-def load_transfer_config(path: str | Path, smoke: bool = False, overrides: list[str] | None = None) -> TransferConfig:
-    """The YAML, then its ``smoke`` section (with ``--smoke``), then command-line overrides."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    extra = flatten(raw.get("smoke") or {}) if smoke else []
-    cfg = load_config(TransferConfig, path, extra + list(overrides or []))
-    if not cfg.name:
-        cfg.name = Path(path).stem + ("-smoke" if smoke else "")
-    return cfg
-
-
-# ----------------------------------------------------------------------------------------------- stages
-
-
-@dataclass
-class Stage:
-    """One cached unit of work: ``run()`` returns a JSON-ready dict, stored as ``out/result.json``."""
-
-    name: str
-    out: Path
-    run: Callable[[], dict]
-    meta: dict = field(default_factory=dict)
-    """kind, method, seed, fraction: stored in the result, used by the report."""
-    needs: tuple[str, ...] = ()
-    """Names of stages whose failure makes this one pointless."""
-    cached: bool = True
-    """False for the report: it runs every time and stores nothing."""
-
-    @property
-    def result_path(self) -> Path:
-        return self.out / RESULT
-
-    def done(self) -> bool:
-        return self.cached and self.result_path.is_file()
-
-
-def run_stages(stages: list[Stage], progress: bool = True) -> dict[str, str]:
-    """Run the stages in order, skipping completed ones; returns name -> cached / done / failed / skipped."""
-    status: dict[str, str] = {}
-    bar = tqdm(stages, desc="transfer", unit="stage", disable=not progress, dynamic_ncols=True)
-    for i, stage in enumerate(bar, start=1):
-        label = f"[{i}/{len(stages)}] {stage.name}"
-        if stage.done():
-            status[stage.name] = "cached"
-            tqdm.write(f"{label}: done earlier, skipped")
-            continue
-        if any(status.get(n) in ("failed", "skipped") for n in stage.needs):
-            status[stage.name] = "skipped"
-            tqdm.write(f"{label}: skipped (a stage it needs failed)")
-            continue
-        bar.set_description(stage.name)
-        tqdm.write(f"{label}: running")
-        status[stage.name] = _run_one(stage, label)
-    bar.close()
-    return status
-
-
-def _run_one(stage: Stage, label: str) -> str:
-    t0 = time.perf_counter()
-    try:
-        result = stage.run()
-    except Exception as err:  # one broken stage must not end a two-hour run; its dependants are skipped
-        stage.out.mkdir(parents=True, exist_ok=True)
-        (stage.out / "error.txt").write_text(traceback.format_exc())
-        tqdm.write(f"{label}: FAILED ({type(err).__name__}: {err}); see {stage.out / 'error.txt'}")
-        return "failed"
-    seconds = round(time.perf_counter() - t0, 1)
-    if stage.cached:
-        write_json_atomic(stage.result_path, {**stage.meta, **result, "seconds": seconds})
-        (stage.out / "error.txt").unlink(missing_ok=True)
-    tqdm.write(f"{label}: finished in {seconds:.0f} s")
-    return "done"
 
 
 # ----------------------------------------------------------------------------------------------- bookkeeping
@@ -301,8 +107,6 @@ def method_cost(method: str, n_seeds: int) -> float:
     """Rough relative cost of a method's stages, to balance ``--jobs`` workers: the restoration decoder dominates
     pre-training (it restores one view per site with contrastive terms on, both views without: vssl-restore), and
     every pre-trained encoder adds the same fine-tuning work."""
-    from t3d.losses import method_spec
-
     if method == "random":
         return 1.0 * n_seeds
     spec = method_spec(method)
@@ -336,7 +140,7 @@ def strip_option(argv: list[str], name: str) -> list[str]:
     return out
 
 
-def run_jobs(plan, cfg: TransferConfig, argv: list[str], jobs: int) -> dict[str, str]:
+def run_jobs(plan: Plan, cfg: TransferConfig, argv: list[str], jobs: int) -> dict[str, str]:
     """Data stages here, then one worker process per method group (logs under ``work/jobs``); a progress bar counts
     the finished stages of all workers. Returns the workers' stage status as read back from the work folder."""
     stages = plan.stages()
@@ -387,12 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         keep = set(args.methods.split(","))
         cfg.main_methods = [m for m in cfg.main_methods if m in keep]
         cfg.ablations = [m for m in cfg.ablations if m in keep]
-    import torch
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from transfer_plan import Plan
-
     plan = Plan(cfg, ROOT / cfg.work / cfg.name, command_line(argv), git_revision())
     stages = plan.stages()
     if args.plan:
@@ -425,5 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.modules.setdefault("transfer", sys.modules["__main__"])  # transfer_plan imports this module by name
     raise SystemExit(main())

@@ -20,12 +20,29 @@ from pathlib import Path
 
 import numpy as np
 
-import transfer_figures as tf
-import transfer_report as tr
-import transfer_stages as st
 from t3d.config import PretrainConfig, load_config, to_dict
 from t3d.data.cache import write_json_atomic
-from transfer import RESULT, Stage, TransferConfig, flatten, has_joint_space
+from t3d.data.cases import prepare_cache as prepare_seg_cache
+from t3d.data.labels import prepare_label_cache, read_labels
+from t3d.data.preprocess import preprocess_manifest
+from t3d.data.synthetic import generate_dataset
+from t3d.evaluate.request import StudyRequest
+from t3d.evaluate.studies import prepare_cache as prepare_study_cache
+from t3d.evaluate.studies import read_split
+from t3d.finetune.config import ClsConfig, SegConfig
+from t3d.finetune.segdata import read_msd
+from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space
+from transfer_figures import plot_align, plot_cells
+from transfer_report import render
+from transfer_results import SEG_METRICS, Results, summarise
+from transfer_stages import (
+    run_cls_stage,
+    run_pretrain_stage,
+    run_retrieval_stage,
+    run_seg_stage,
+    run_zeroshot_stage,
+    text_diagnostic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +139,7 @@ class Plan:
         out = []
         if method != "random":
             pcfg = self.pretrain_config(method, seed)
-            out.append(Stage(pre, run / "pretrain", lambda: st.run_pretrain_stage(pcfg), {"kind": "pretrain", **base}))
+            out.append(Stage(pre, run / "pretrain", lambda: run_pretrain_stage(pcfg), {"kind": "pretrain", **base}))
         for f in cfg.fractions:
             meta = {**base, "fraction": f}
             out.append(self._seg_stage(method, seed, f, meta, needs))
@@ -140,54 +157,51 @@ class Plan:
         return out
 
     def _seg_stage(self, method, seed, f, meta, needs) -> Stage:
-        from t3d.finetune.config import SegConfig
-
         out = self.run_dir(method, seed) / f"seg_f{f:g}"
         paths = {"data": self.seg_dataset, "out": str(out), "cache": str(self.caches["seg"]), "fraction": f}
         scfg = self.downstream_config(SegConfig, self.cfg.seg, method, seed, **paths)
         name = f"seed{seed}/{method}/seg f={f:g}"
-        return Stage(name, out, lambda: st.run_seg_stage(scfg), {"kind": "seg", **meta}, needs)
+        return Stage(name, out, lambda: run_seg_stage(scfg), {"kind": "seg", **meta}, needs)
 
     def _cls_stage(self, method, seed, f, kind, fields, meta, needs) -> Stage:
-        from t3d.finetune.config import ClsConfig
-
         out = self.run_dir(method, seed) / f"{kind}_f{f:g}"
         paths = {"data": self.cls_labels, "images": self.cls_images, "out": str(out), "fraction": f}
         paths.update(cache=str(self.caches["cls"]), splits=self.splits, test_split=self.cfg.data.test_split)
         ccfg = self.downstream_config(ClsConfig, fields, method, seed, **paths)
         name = f"seed{seed}/{method}/{kind} f={f:g}"
-        return Stage(name, out, lambda: st.run_cls_stage(ccfg), {"kind": kind, **meta}, needs)
+        return Stage(name, out, lambda: run_cls_stage(ccfg), {"kind": kind, **meta}, needs)
 
-    def _eval_kwargs(self, seed: int) -> dict:
-        e = self.cfg.evaluate
-        return {"n_boot": e.n_boot, "seed": seed, "overlap": e.overlap, "max_crops": e.max_crops,
-                "crop_batch": e.crop_batch, "workers": e.workers}  # fmt: skip
+    def study_request(self, method: str, seed: int, task: str, cache: str) -> StudyRequest:
+        """The request of a joint-space evaluation (``zeroshot`` / ``retrieval``) of one pre-training run."""
+        e, run = self.cfg.evaluate, self.run_dir(method, seed)
+        return StudyRequest(
+            checkpoint=str(run / "pretrain"), out=str(run / task), cache=str(self.caches[cache]), splits=self.splits,
+            split=self.cfg.data.test_split, max_crops=e.max_crops, overlap=e.overlap, crop_batch=e.crop_batch,
+            workers=e.workers,
+        )  # fmt: skip
 
     def _joint_stages(self, method, seed, base, needs) -> list[Stage]:
-        run, ckpt = self.run_dir(method, seed), self.run_dir(method, seed) / "pretrain"
-        split = {"splits": self.splits or None, "split": self.cfg.data.test_split}
-        zs = {"images": self.cls_images or None, "cache": self.caches["cls"], **split, **self._eval_kwargs(seed)}
-        ret = {"root": self.heldout_root, "cache": self.caches["heldout"], **split, **self._eval_kwargs(seed)}
+        run, n_boot = self.run_dir(method, seed), self.cfg.evaluate.n_boot
+        zs, ret = (
+            self.study_request(method, seed, "zeroshot", "cls"),
+            self.study_request(method, seed, "retrieval", "heldout"),
+        )
         return [
             Stage(f"seed{seed}/{method}/zeroshot", run / "zeroshot",
-                  lambda: st.run_zeroshot_stage(ckpt, self.cls_labels, run / "zeroshot", **zs),
+                  lambda: run_zeroshot_stage(zs, self.cls_labels, self.cls_images or None, n_boot, seed),
                   {"kind": "zeroshot", **base}, needs),
             Stage(f"seed{seed}/{method}/retrieval", run / "retrieval",
-                  lambda: st.run_retrieval_stage(ckpt, self.heldout_manifest, run / "retrieval", **ret),
+                  lambda: run_retrieval_stage(ret, self.heldout_manifest, self.heldout_root, n_boot, seed),
                   {"kind": "retrieval", **base}, needs),
         ]  # fmt: skip
 
     def _make_data(self) -> dict:
-        from t3d.data.synthetic import generate_dataset
-
         s = self.cfg.data.synthetic
         summary = generate_dataset(self.data, s.num_studies, s.seed, preset=s.preset, workers=s.workers)
         return {k: v for k, v in summary.items() if k != "out_dir"}
 
     def _prepare(self) -> dict:
         """The pre-training cache (every method reads it) and the segmentation test subset file."""
-        from t3d.data.preprocess import preprocess_manifest
-
         pcfg = self.pretrain_config("t3d", 0)
         summary = preprocess_manifest(
             self.pretrain_manifest,
@@ -204,26 +218,20 @@ class Plan:
     def warm_caches(self) -> None:
         """Preprocess the studies every downstream stage shares (segmentation, findings, held-out reports) now, so that
         parallel workers (``--jobs``) only read these caches; a cache is written safely by one process at a time."""
-        from t3d.evaluate.studies import prepare_cache as prepare_heldout
-        from t3d.finetune.clsdata import prepare_label_cache, read_labels
-        from t3d.finetune.segdata import prepare_cache, read_msd
-
         pre, workers = self.pretrain_config("t3d", 0).preprocess, self.cfg.preprocess_workers
         train, test, _ = read_msd(self.seg_dataset)
-        prepare_cache(train + test, self.caches["seg"], pre, workers)
+        prepare_seg_cache(train + test, self.caches["seg"], pre, workers)
         prepare_label_cache(read_labels(self.cls_labels, self.cls_images or None), self.caches["cls"], pre, workers)
-        prepare_heldout(self.heldout_manifest, self.caches["heldout"], pre, root=self.heldout_root, workers=workers)
+        prepare_study_cache(self.heldout_manifest, self.caches["heldout"], pre, root=self.heldout_root, workers=workers)
 
     def _textdiag(self, method: str, seed: int) -> dict:
-        from t3d.evaluate.studies import prepare_cache, read_split
-
         pcfg = self.pretrain_config(method, seed)
         cache = self.caches["heldout"]
         workers = self.cfg.preprocess_workers
-        prepare_cache(self.heldout_manifest, cache, pcfg.preprocess, root=self.heldout_root, workers=workers)
+        prepare_study_cache(self.heldout_manifest, cache, pcfg.preprocess, root=self.heldout_root, workers=workers)
         ids = read_split(self.splits, self.cfg.data.test_split) if self.splits else None
         run = self.run_dir(method, seed) / "pretrain"
-        return st.text_diagnostic(run, cache, ids, repeats=self.cfg.diagnostic_repeats, seed=seed)
+        return text_diagnostic(run, cache, ids, repeats=self.cfg.diagnostic_repeats, seed=seed)
 
     # ------------------------------------------------------------------------------------------- report
 
@@ -239,10 +247,10 @@ class Plan:
         results = self.finished()
         cfg = self.cfg
         methods = [*cfg.main_methods, *cfg.ablations]
-        metrics = [*tr.SEG_METRICS, "probe_auroc"] + (["finetune_auroc"] if cfg.cls_finetune is not None else [])
+        metrics = [*SEG_METRICS, "probe_auroc"] + (["finetune_auroc"] if cfg.cls_finetune is not None else [])
         metrics.append("zeroshot_auroc")
-        table = tr.Results(results, cfg.data.lesion_labels)
-        summary = tr.summarise(table, methods, cfg.fractions, cfg.vssl_methods, metrics, cfg.n_boot)
+        table = Results(results, cfg.data.lesion_labels)
+        summary = summarise(table, methods, cfg.fractions, cfg.vssl_methods, metrics, cfg.n_boot)
         summary.update(self.context(results), metrics=metrics, methods=methods)
         summary.update(name_png=self.output.name + ".png", name_align_png=self.output.name + "_align.png")
         self.output.parent.mkdir(parents=True, exist_ok=True)
@@ -251,10 +259,10 @@ class Plan:
         summary["pretrain"] = [{k: r[k] for k in keep if k in r} for r in pretrain]  # curve: per logged step
         summary["textdiag"] = [r for r in results if r["kind"] == "textdiag"]
         summary["retrieval"] = [r for r in results if r["kind"] == "retrieval"]
-        self.output.with_suffix(".md").write_text(tr.render(summary, pretrain))
+        self.output.with_suffix(".md").write_text(render(summary, pretrain))
         write_json_atomic(self.output.with_suffix(".json"), _json_safe(summary))
-        tf.plot_cells(summary["cells"], methods, metrics, self.output.with_suffix(".png"), f"transfer: {cfg.name}")
-        tf.plot_align(pretrain, self.output.parent / f"{self.output.name}_align.png")
+        plot_cells(summary["cells"], methods, metrics, self.output.with_suffix(".png"), f"transfer: {cfg.name}")
+        plot_align(pretrain, self.output.parent / f"{self.output.name}_align.png")
         return summary
 
     def context(self, results: list[dict]) -> dict:

@@ -21,8 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
+from t3d import distributed as dist
 from t3d.config import PretrainConfig
+from t3d.data.crops import CropDataset
+from t3d.evaluate.joint import load_joint
+from t3d.evaluate.request import StudyRequest
+from t3d.evaluate.retrieval import run_retrieval
+from t3d.evaluate.studies import report_texts
+from t3d.evaluate.zeroshot import run_zeroshot
+from t3d.finetune.cls import run_cls
+from t3d.finetune.seg import run_seg
+from t3d.losses import restoration_loss
+from t3d.pretrain.main import run_pretrain
+from t3d.text import load_text_features
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -34,9 +47,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def run_pretrain_stage(cfg: PretrainConfig) -> dict:
     """Pre-train (resuming from the run folder's latest checkpoint, if any); return final terms and the curves."""
-    from t3d import distributed as dist
-    from t3d.pretrain.main import run_pretrain
-
     summary = run_pretrain(cfg, resume=True)
     run_dir = Path(summary["run_dir"])
     rows = read_jsonl(run_dir / "log.jsonl") if (run_dir / "log.jsonl").is_file() else []
@@ -66,8 +76,6 @@ def fresh_folder(out: Path) -> None:
 
 def run_seg_stage(cfg) -> dict:
     """Segmentation fine-tune + test (``run_seg``); per-case Dice and small-lesion scores of the test studies."""
-    from t3d.finetune.seg import run_seg
-
     fresh_folder(Path(cfg.out))
     metrics = run_seg(cfg)
     test = metrics["test"]
@@ -103,8 +111,6 @@ def test_scores(path: Path, classes: list[str], split: str | None = "test") -> t
 
 def run_cls_stage(cfg) -> dict:
     """Classification (linear probe or fine-tune, ``run_cls``); per-study test probabilities."""
-    from t3d.finetune.cls import run_cls
-
     result = run_cls(cfg)
     ids, y, p = test_scores(Path(cfg.out) / "predictions.csv", result["classes"])
     return {
@@ -119,20 +125,17 @@ def run_cls_stage(cfg) -> dict:
     }
 
 
-def run_zeroshot_stage(checkpoint: Path, labels: str, out: Path, **kwargs) -> dict:
+def run_zeroshot_stage(request: StudyRequest, labels: str, images: str | None, n_boot: int, seed: int) -> dict:
     """Zero-shot finding classification (``run_zeroshot``); per-study scores of the evaluated split."""
-    from t3d.evaluate.zeroshot import run_zeroshot
-
-    result = run_zeroshot(checkpoint, labels, out, **kwargs)
+    result = run_zeroshot(request, labels, images=images, n_boot=n_boot, seed=seed)
+    out = Path(request.out)
     ids, y, p = test_scores(out / "scores.csv", result["classes"], split=None)
     return {"classes": result["classes"], "ids": ids, "y": y, "p": p, "macro_auroc": result["test"]["macro"]["auroc"]}
 
 
-def run_retrieval_stage(checkpoint: Path, manifest: str, out: Path, **kwargs) -> dict:
+def run_retrieval_stage(request: StudyRequest, manifest: str, root: str | None, n_boot: int, seed: int) -> dict:
     """Image <-> report retrieval on held-out studies (``run_retrieval``)."""
-    from t3d.evaluate.retrieval import run_retrieval
-
-    result = run_retrieval(checkpoint, manifest, out, **kwargs)
+    result = run_retrieval(request, manifest, root=root, n_boot=n_boot, seed=seed)
     keys = ("image_to_report", "report_to_image", "chance", "n_studies", "duplicate_reports")
     return {k: result[k] for k in keys if k in result}
 
@@ -157,14 +160,6 @@ def text_diagnostic(run_dir: Path, cache: Path, ids: list[str] | None, repeats: 
 
     Returns per-study mean L1 (``true``, ``shuffled``) over ``repeats`` draws of crop sites and masks.
     """
-    from torch.nn import functional as F
-
-    from t3d.data.crops import CropDataset
-    from t3d.evaluate.joint import load_joint
-    from t3d.evaluate.studies import report_texts
-    from t3d.losses import restoration_loss
-    from t3d.text import load_text_features
-
     jm = load_joint(run_dir, device=torch.device("cpu"))
     model = jm.model
     if model.decoder is None:

@@ -51,7 +51,7 @@ def read_log(run_dir: Path) -> list[dict]:
 
 
 def expected_terms(method: str) -> set[str]:
-    """Loss terms and diagnostics a method logs (METHOD §5): view / align / restore exactly when used."""
+    """Loss terms and diagnostics a method logs (docs/method.md §5): view / align / restore exactly when used."""
     spec = method_spec(method)
     terms = {"loss"}
     terms |= {"view"} if spec.view else set()

@@ -196,7 +196,7 @@ def test_checkpoint_without_text_head_is_a_clear_error(tiny, capsys):
 
 def test_grid_dataset_reads_windowed_crops_of_the_cache(tiny):
     from cls_helpers import tiny_pretrain_config
-    from t3d.finetune.clsdata import prepare_label_cache, read_labels
+    from t3d.data.labels import prepare_label_cache, read_labels
 
     cache = tiny["root"] / "grid_cache"
     prepare_label_cache(read_labels(tiny["data"] / "findings.csv"), cache, tiny_pretrain_config().preprocess)

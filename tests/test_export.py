@@ -11,8 +11,8 @@ from t3d import __version__
 from t3d.checkpoint import load_checkpoint
 from t3d.cli import main
 from t3d.export import export_encoder
-from t3d.finetune.pretrained import load_pretrained
 from t3d.models.encoders import swap_batch_norms
+from t3d.pretrained import load_pretrained
 
 META_KEYS = {
     "format", "method", "encoder", "preset", "feature_size", "in_channels", "target", "monai_kwargs", "spacing_mm",

@@ -12,7 +12,8 @@ from cls_helpers import synth_dataset, write_checkpoint
 from t3d.checkpoint import load_checkpoint
 from t3d.cli import main
 from t3d.config import ModelConfig
-from t3d.finetune.clsdata import read_labels, split_studies
+from t3d.data.labels import read_labels
+from t3d.finetune.clsdata import split_studies
 from t3d.finetune.clsengine import macro_auroc, train_probe
 from t3d.finetune.clsmodel import StudyClassifier
 from t3d.finetune.config import ClsConfig

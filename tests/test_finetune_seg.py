@@ -12,9 +12,10 @@ from t3d.checkpoint import load_checkpoint
 from t3d.cli import main
 from t3d.config import ConfigError, load_config
 from t3d.data.cache import StudyCache
+from t3d.data.cases import prepare_cache
 from t3d.finetune.config import SegConfig
 from t3d.finetune.seg import initialise, resolve_spec
-from t3d.finetune.segdata import PatchDataset, lesion_classes, make_splits, prepare_cache, read_msd
+from t3d.finetune.segdata import PatchDataset, lesion_classes, make_splits, read_msd
 
 FAST = ["--steps", "3", "--val_every", "2", "--batch_size", "1", "--workers", "0", "--warmup_steps", "1",
         "--lr", "1e-3", "--crop_size", json.dumps(list(CROP)), "--sw_batch_size", "2"]  # fmt: skip

@@ -4,10 +4,10 @@ from monai.networks.nets import ResNet, SwinUNETR
 
 from seg_helpers import resnet_encoder_state, swin_encoder_state
 from t3d.config import ModelConfig
-from t3d.finetune.keymap import encoder_state, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
 from t3d.finetune.networks import build_seg_network, encoder_module
-from t3d.finetune.pretrained import PretrainedEncoder, monai_target
 from t3d.models.encoders import RESNET_PRESETS
+from t3d.models.keymap import encoder_state, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
+from t3d.pretrained import PretrainedEncoder, monai_target
 
 
 def pretrain_state(encoder_state_dict):

@@ -11,8 +11,9 @@ from t3d.checkpoint import save_checkpoint
 from t3d.cli import main
 from t3d.config import ModelConfig, PreprocessConfig
 from t3d.data.cache import StudyCache
+from t3d.data.cases import SegCase, prepare_cache
 from t3d.finetune.networks import SegSpec
-from t3d.finetune.segdata import SegCase, load_volume, prepare_cache
+from t3d.finetune.segdata import load_volume
 from t3d.finetune.segeval import InferenceSetting, predict_volume
 from t3d.predict import input_cases, to_source_grid
 

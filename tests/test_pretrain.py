@@ -1,6 +1,6 @@
 """``t3d pretrain`` end to end on the session's tiny synthetic cache (``tests/conftest.py``).
 
-Every method of METHOD §5 runs through the real CLI for two steps; a run killed with SIGKILL resumes to the same
+Every method of docs/method.md §5 runs through the real CLI for two steps; a run killed with SIGKILL resumes to the same
 losses as an uninterrupted one; contrastive terms fall below chance (log B); a non-finite step is skipped.
 Everything runs on CPU with one intra-op thread: the tests are deterministic and leave the shared cores alone.
 """

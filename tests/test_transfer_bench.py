@@ -14,8 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import transfer  # noqa: E402
-import transfer_report as tr  # noqa: E402
-import transfer_stats as ts  # noqa: E402
+import transfer_config  # noqa: E402
+import transfer_report  # noqa: E402
+import transfer_results  # noqa: E402
+import transfer_stages  # noqa: E402
+import transfer_stats  # noqa: E402
+from t3d.config import ConfigError  # noqa: E402
+from transfer_plan import Plan, write_seg_subset  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- statistics
 
@@ -23,9 +28,9 @@ import transfer_stats as ts  # noqa: E402
 def test_weighted_mean_skips_nan_and_uses_weights():
     values = np.array([[1.0, np.nan, 3.0], [5.0, 7.0, np.nan]])
     weights = np.array([[1.0, 4.0, 1.0], [2.0, 1.0, 9.0]])
-    assert ts.weighted_mean(values, weights) == pytest.approx((1 + 3 + 10 + 7) / 5)
-    assert ts.weighted_mean(values) == pytest.approx(4.0)
-    assert math.isnan(ts.weighted_mean(np.full((2, 2), np.nan)))
+    assert transfer_stats.weighted_mean(values, weights) == pytest.approx((1 + 3 + 10 + 7) / 5)
+    assert transfer_stats.weighted_mean(values) == pytest.approx(4.0)
+    assert math.isnan(transfer_stats.weighted_mean(np.full((2, 2), np.nan)))
 
 
 def test_identity_draws_reproduce_the_point_estimate():
@@ -34,10 +39,14 @@ def test_identity_draws_reproduce_the_point_estimate():
     values[1, 2] = np.nan
     weights = rng.integers(0, 4, size=(3, 7)).astype(float)
     seeds, cases = np.arange(3)[None], np.arange(7)[None]
-    assert ts.mean_replicates(values, weights, seeds, cases)[0] == pytest.approx(ts.weighted_mean(values, weights))
+    assert transfer_stats.mean_replicates(values, weights, seeds, cases)[0] == pytest.approx(
+        transfer_stats.weighted_mean(values, weights)
+    )
     y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1], [1, 0]], dtype=float)
     scores = rng.random((3, 7, 2))
-    assert ts.auroc_replicates_2level(y, scores, seeds, cases)[0] == pytest.approx(ts.auroc_statistic(y, scores))
+    assert transfer_stats.auroc_replicates_2level(y, scores, seeds, cases)[0] == pytest.approx(
+        transfer_stats.auroc_statistic(y, scores)
+    )
 
 
 def test_auroc_statistic_matches_sklearn_and_skips_single_valued_classes():
@@ -48,54 +57,54 @@ def test_auroc_statistic_matches_sklearn_and_skips_single_valued_classes():
     y[:, 2] = 0.0  # no positives: left out
     scores = rng.random((2, 20, 3))
     expected = np.mean([np.mean([roc_auc_score(y[:, c], scores[s, :, c]) for c in range(2)]) for s in range(2)])
-    assert ts.auroc_statistic(y, scores) == pytest.approx(expected)
-    assert math.isnan(ts.auroc_statistic(np.zeros((5, 2)), rng.random((1, 5, 2))))
+    assert transfer_stats.auroc_statistic(y, scores) == pytest.approx(expected)
+    assert math.isnan(transfer_stats.auroc_statistic(np.zeros((5, 2)), rng.random((1, 5, 2))))
 
 
 def test_dice_cell_interval_brackets_the_mean_and_collapses_for_constant_values():
     rng = np.random.default_rng(2)
     values = rng.normal(0.6, 0.1, size=(3, 12))
-    out = ts.dice_cell(values, None, n_boot=500, seed=0)
+    out = transfer_stats.dice_cell(values, None, n_boot=500, seed=0)
     assert out["low"] < out["mean"] < out["high"]
     assert out["mean"] == pytest.approx(values.mean())
     assert (out["n_seeds"], out["n_cases"]) == (3, 12)
-    const = ts.dice_cell(np.full((2, 5), 0.3), None, n_boot=100)
+    const = transfer_stats.dice_cell(np.full((2, 5), 0.3), None, n_boot=100)
     assert const["low"] == pytest.approx(0.3) and const["high"] == pytest.approx(0.3)
 
 
 def test_seed_t_interval():
-    out = ts.seed_t_interval([0.5, 0.7, 0.6])
+    out = transfer_stats.seed_t_interval([0.5, 0.7, 0.6])
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
     assert out["mean"] == pytest.approx(0.6)
     assert out["high"] - out["mean"] == pytest.approx(half)
-    assert math.isnan(ts.seed_t_interval([0.5])["low"])
+    assert math.isnan(transfer_stats.seed_t_interval([0.5])["low"])
 
 
 def test_paired_dice_detects_a_constant_improvement_and_nothing_for_equal_methods():
     rng = np.random.default_rng(3)
     b = rng.random((3, 10))
-    better = ts.paired_dice(b + 0.1, b, None, n_boot=300)
+    better = transfer_stats.paired_dice(b + 0.1, b, None, n_boot=300)
     assert better["mean"] == pytest.approx(0.1)
     assert better["low"] == pytest.approx(0.1) and better["p_boot"] == 0.0
     assert better["wilcoxon"]["p"] < 0.01 and better["wilcoxon"]["n"] == 10
-    assert ts.verdict(better).startswith("A better")
-    same = ts.paired_dice(b, b, None, n_boot=300)
+    assert transfer_stats.verdict(better).startswith("A better")
+    same = transfer_stats.paired_dice(b, b, None, n_boot=300)
     assert same["mean"] == 0.0 and same["p_boot"] == 1.0 and same["wilcoxon"]["p"] == 1.0
-    assert ts.verdict(same) == "no clear difference"
+    assert transfer_stats.verdict(same) == "no clear difference"
 
 
 def test_verdict_needs_the_wilcoxon_test_where_there_is_one():
-    few = ts.paired_dice(np.array([[0.5, 0.6, 0.7]]), np.array([[0.4, 0.5, 0.6]]), None, n_boot=200)
+    few = transfer_stats.paired_dice(np.array([[0.5, 0.6, 0.7]]), np.array([[0.4, 0.5, 0.6]]), None, n_boot=200)
     assert few["low"] > 0 and few["wilcoxon"]["p"] > 0.05  # 3 cases: the bootstrap interval alone is too narrow
-    assert ts.verdict(few).startswith("no clear difference (CI excludes 0")
-    assert ts.verdict({"low": -0.2, "high": -0.1}) == "A worse (CI < 0)"
-    assert ts.verdict({"low": float("nan"), "high": 0.1}) == "undetermined"
+    assert transfer_stats.verdict(few).startswith("no clear difference (CI excludes 0")
+    assert transfer_stats.verdict({"low": -0.2, "high": -0.1}) == "A worse (CI < 0)"
+    assert transfer_stats.verdict({"low": float("nan"), "high": 0.1}) == "undetermined"
 
 
 def test_paired_dice_scores_only_cases_defined_for_both():
     a = np.array([[0.9, np.nan, 0.5]])
     b = np.array([[0.7, 0.2, np.nan]])
-    out = ts.paired_dice(a, b, None, n_boot=50)
+    out = transfer_stats.paired_dice(a, b, None, n_boot=50)
     assert (out["a_mean"], out["b_mean"]) == (pytest.approx(0.9), pytest.approx(0.7))
 
 
@@ -104,15 +113,15 @@ def test_paired_auroc_prefers_the_informative_scores():
     y = (rng.random((30, 2)) < 0.5).astype(float)
     good = y[None] + rng.normal(0, 0.3, size=(3, 30, 2))
     noise = rng.random((3, 30, 2))
-    out = ts.paired_auroc(y, good, noise, n_boot=300)
+    out = transfer_stats.paired_auroc(y, good, noise, n_boot=300)
     assert out["mean"] > 0.2 and out["low"] > 0 and len(out["per_seed_delta"]) == 3
     assert out["p_boot"] < 0.05
 
 
 def test_bootstrap_p_is_two_sided():
-    assert ts.bootstrap_p(np.array([1.0, 2.0, 3.0])) == 0.0
-    assert ts.bootstrap_p(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.5)
-    assert math.isnan(ts.bootstrap_p(np.array([np.nan])))
+    assert transfer_stats.bootstrap_p(np.array([1.0, 2.0, 3.0])) == 0.0
+    assert transfer_stats.bootstrap_p(np.array([-1.0, 1.0, 2.0, 3.0])) == pytest.approx(0.5)
+    assert math.isnan(transfer_stats.bootstrap_p(np.array([np.nan])))
 
 
 # ----------------------------------------------------------------------------------------------- results and tables
@@ -137,12 +146,12 @@ def probe_result(method, seed, scores, fraction=1.0):
 
 def test_seg_case_values_group_organs_and_lesions():
     run = seg_result("t3d", 0, 0.0)
-    assert tr.seg_groups(LABELS, None) == ([1, 2], [3])  # 'liver_lesion' is a lesion by name
-    assert tr.seg_case_value(run, run["cases"][1], "organ_dice", None) == (pytest.approx(0.7), 1.0)
-    assert tr.seg_case_value(run, run["cases"][1], "lesion_dice", None) == (pytest.approx(0.3), 1.0)
-    assert math.isnan(tr.seg_case_value(run, run["cases"][0], "lesion_dice", None)[0])
-    assert tr.seg_case_value(run, run["cases"][2], "small_lesion_dice", None) == (pytest.approx(0.2), 2.0)
-    assert tr.seg_groups(LABELS, [2, 3]) == ([1], [2, 3])
+    assert transfer_results.seg_groups(LABELS, None) == ([1, 2], [3])  # 'liver_lesion' is a lesion by name
+    assert transfer_results.seg_case_value(run, run["cases"][1], "organ_dice", None) == (pytest.approx(0.7), 1.0)
+    assert transfer_results.seg_case_value(run, run["cases"][1], "lesion_dice", None) == (pytest.approx(0.3), 1.0)
+    assert math.isnan(transfer_results.seg_case_value(run, run["cases"][0], "lesion_dice", None)[0])
+    assert transfer_results.seg_case_value(run, run["cases"][2], "small_lesion_dice", None) == (pytest.approx(0.2), 2.0)
+    assert transfer_results.seg_groups(LABELS, [2, 3]) == ([1], [2, 3])
 
 
 def fake_results():
@@ -156,9 +165,9 @@ def fake_results():
 
 
 def test_summarise_compares_t3d_with_the_best_baseline_and_clip():
-    results = tr.Results(fake_results())
-    metrics = [*tr.SEG_METRICS, "probe_auroc"]
-    s = tr.summarise(results, ["vssl", "clip", "t3d"], [1.0], ["vssl", "clip"], metrics, n_boot=200)
+    results = transfer_results.Results(fake_results())
+    metrics = [*transfer_results.SEG_METRICS, "probe_auroc"]
+    s = transfer_results.summarise(results, ["vssl", "clip", "t3d"], [1.0], ["vssl", "clip"], metrics, n_boot=200)
     assert s["cells"]["1.0"]["t3d"]["organ_dice"]["mean"] == pytest.approx(0.75)
     assert s["cells"]["1.0"]["t3d"]["probe_auroc"]["mean"] == pytest.approx(1.0)
     roles = {(c["metric"], c["b"]) for c in s["comparisons"]}
@@ -171,28 +180,31 @@ def test_summarise_compares_t3d_with_the_best_baseline_and_clip():
 
 def test_tables_render_cells_missing_values_and_precondition():
     cells = {"t3d": {"organ_dice": {"mean": 0.75, "low": 0.7, "high": 0.8, "n_seeds": 3}}}
-    lines = tr.results_table(cells, ["vssl", "t3d"], ["organ_dice", "probe_auroc"])
+    lines = transfer_report.results_table(cells, ["vssl", "t3d"], ["organ_dice", "probe_auroc"])
     assert lines[0] == "| method | seeds | organ Dice | finding AUROC (probe) |"
     assert lines[2] == "| t3d | 3 | 0.750 [0.700, 0.800] | n/a |"
     assert len(lines) == 3  # vssl has no cell: no row
-    assert tr.fmt({"mean": 0.5, "low": float("nan"), "high": 0.6}) == "0.500"
+    assert transfer_report.fmt({"mean": 0.5, "low": float("nan"), "high": 0.6}) == "0.500"
     pre = [
         {"method": "t3d", "seed": 0, "steps": 30, "batch": 4, "log_b": math.log(4), "final": {"align": 1.2},
          "curve": [{"step": 5, "align": 1.5}, {"step": 10, "align": 1.2}]},
         {"method": "vssl", "seed": 0, "steps": 30, "batch": 4, "log_b": math.log(4), "final": {"view": 1.0}},
     ]  # fmt: skip
-    table = tr.precondition_table(pre)
+    table = transfer_report.precondition_table(pre)
     assert "**yes**" in table[2] and "| 13 % |" in table[2] and "| n/a |" in table[3]
     pre[0]["final"]["align"] = 1.38  # below log 4 = 1.386, but by a hair: not learning
-    assert "| no |" in tr.precondition_table(pre)[2]
+    assert "| no |" in transfer_report.precondition_table(pre)[2]
 
 
 def test_align_floor_is_the_entropy_of_an_evenly_spread_row():
-    assert tr.align_floor(None, 4) == 0.0 and tr.align_floor(1.0, 8) == 0.0
-    assert tr.align_floor(0.25, 4) == pytest.approx(math.log(4))  # uniform row: the floor is chance itself
+    assert transfer_report.align_floor(None, 4) == 0.0 and transfer_report.align_floor(1.0, 8) == 0.0
+    assert transfer_report.align_floor(0.25, 4) == pytest.approx(math.log(4))  # uniform row: the floor is chance itself
     p, q = 0.5, 0.5 / 3
-    assert tr.align_floor(0.5, 4) == pytest.approx(-p * math.log(p) - 3 * q * math.log(q))
-    assert tr.align_progress(math.log(4), math.log(4), 0.0) == 0.0 and tr.align_progress(0.0, 1.0, 0.0) == 1.0
+    assert transfer_report.align_floor(0.5, 4) == pytest.approx(-p * math.log(p) - 3 * q * math.log(q))
+    assert (
+        transfer_report.align_progress(math.log(4), math.log(4), 0.0) == 0.0
+        and transfer_report.align_progress(0.0, 1.0, 0.0) == 1.0
+    )
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -212,38 +224,36 @@ def test_run_stages_skips_done_stages_and_isolates_failures(tmp_path):
 
     done = tmp_path / "a"
     done.mkdir()
-    (done / transfer.RESULT).write_text(json.dumps({"value": "old"}))
+    (done / transfer_config.RESULT).write_text(json.dumps({"value": "old"}))
     stages = [
-        transfer.Stage("a", done, make("a"), {"kind": "x"}),
-        transfer.Stage("b", tmp_path / "b", make("b"), {"kind": "x", "seed": 1}),
-        transfer.Stage("c", tmp_path / "c", make("c", fail=True)),
-        transfer.Stage("d", tmp_path / "d", make("d"), needs=("c",)),
-        transfer.Stage("report", tmp_path, make("report"), cached=False),
+        transfer_config.Stage("a", done, make("a"), {"kind": "x"}),
+        transfer_config.Stage("b", tmp_path / "b", make("b"), {"kind": "x", "seed": 1}),
+        transfer_config.Stage("c", tmp_path / "c", make("c", fail=True)),
+        transfer_config.Stage("d", tmp_path / "d", make("d"), needs=("c",)),
+        transfer_config.Stage("report", tmp_path, make("report"), cached=False),
     ]
-    status = transfer.run_stages(stages, progress=False)
+    status = transfer_config.run_stages(stages, progress=False)
     assert status == {"a": "cached", "b": "done", "c": "failed", "d": "skipped", "report": "done"}
     assert calls == ["b", "c", "report"]
-    stored = json.loads((tmp_path / "b" / transfer.RESULT).read_text())
+    stored = json.loads((tmp_path / "b" / transfer_config.RESULT).read_text())
     assert stored["value"] == "b" and stored["seed"] == 1 and "seconds" in stored
     assert "boom" in (tmp_path / "c" / "error.txt").read_text()
-    assert not (tmp_path / "c" / transfer.RESULT).exists() and not (tmp_path / transfer.RESULT).exists()
+    assert not (tmp_path / "c" / transfer_config.RESULT).exists() and not (tmp_path / transfer_config.RESULT).exists()
     calls.clear()
-    stages[2] = transfer.Stage("c", tmp_path / "c", make("c"))
-    status = transfer.run_stages(stages, progress=False)
+    stages[2] = transfer_config.Stage("c", tmp_path / "c", make("c"))
+    status = transfer_config.run_stages(stages, progress=False)
     assert calls == ["c", "d", "report"] and status["b"] == "cached"
     assert not (tmp_path / "c" / "error.txt").exists()
 
 
 def test_derangement_has_no_fixed_points():
-    import transfer_stages as st
-
     for n in (2, 3, 10):
-        perm = st.derangement(n, seed=n)
+        perm = transfer_stages.derangement(n, seed=n)
         assert sorted(perm) == list(range(n)) and not np.any(perm == np.arange(n))
 
 
 def test_flatten_feeds_load_config():
-    assert transfer.flatten({"train": {"steps": 3, "lr": 0.1}, "crops.size": [64, 64, 32]}) == [
+    assert transfer_config.flatten({"train": {"steps": 3, "lr": 0.1}, "crops.size": [64, 64, 32]}) == [
         "--train.steps", "3", "--train.lr", "0.1", "--crops.size", "[64, 64, 32]",
     ]  # fmt: skip
 
@@ -251,9 +261,7 @@ def test_flatten_feeds_load_config():
 @pytest.mark.parametrize("name", ["transfer_cpu.yaml", "transfer_gpu.yaml"])
 @pytest.mark.parametrize("smoke", [False, True])
 def test_benchmark_configs_load_and_plan(name, smoke, tmp_path):
-    from transfer_plan import Plan
-
-    cfg = transfer.load_transfer_config(ROOT / "benchmarks" / name, smoke=smoke)
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / name, smoke=smoke)
     stages = Plan(cfg, tmp_path / cfg.name).stages()  # builds and validates every run's config, runs nothing
     names = [s.name for s in stages]
     assert "prepare" in names and names[-1].endswith("/report")
@@ -267,9 +275,7 @@ def test_benchmark_configs_load_and_plan(name, smoke, tmp_path):
 
 
 def test_work_folder_refuses_other_settings(tmp_path):
-    from t3d.config import ConfigError
-
-    cfg = transfer.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
     transfer.check_work_folder(tmp_path, cfg)
     transfer.check_work_folder(tmp_path, cfg)  # same settings: fine
     cfg.seg = {**cfg.seg, "steps": 999}
@@ -278,8 +284,6 @@ def test_work_folder_refuses_other_settings(tmp_path):
 
 
 def test_seg_subset_keeps_the_first_test_studies(tmp_path):
-    from transfer_plan import write_seg_subset
-
     desc = {"labels": {"0": "bg"}, "training": [{"image": "images/t.nii.gz", "label": "labels/t.nii.gz"}],
             "test": [{"image": f"images/s{i}.nii.gz", "label": f"labels/s{i}.nii.gz"} for i in (3, 1, 2)]}  # fmt: skip
     (tmp_path / "dataset.json").write_text(json.dumps(desc))
@@ -291,7 +295,7 @@ def test_seg_subset_keeps_the_first_test_studies(tmp_path):
 
 
 def test_jobs_partition_covers_every_method_once_and_balances_cost():
-    cfg = transfer.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml")
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml")
     groups = transfer.partition(cfg, 2)
     flat = [m for g in groups for m in g]
     assert sorted(flat) == sorted(cfg.main_methods + cfg.ablations)

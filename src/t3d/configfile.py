@@ -3,13 +3,21 @@
     cfg = load_config(PretrainConfig, "configs/quickstart.yaml", ["--train.lr", "1e-4", "--crops.size=[64,64,64]"])
     save_config(cfg, run_dir / "config.yaml")
 
+Flat dataclasses (command requests) also become command-line flags, with each field's docstring as its help:
+
+    add_dataclass_arguments(parser, StudyRequest, required=("checkpoint", "out"))
+    request = dataclass_from_args(StudyRequest, args)
+
 Unknown keys are errors that list the valid names; values are coerced to the annotated type (tuples from YAML
 lists, floats from ints, ``None`` from ``null``/``native``); each dataclass checks itself in ``__post_init__``.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import inspect
 import types
 import typing
 from pathlib import Path
@@ -203,3 +211,44 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     """Rebuild a config saved by ``to_dict`` (e.g. from a checkpoint)."""
     return _build(cls, values)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it in the class body (one line; empty when there is none)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if (
+                isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> None:
+    """One ``--field-name`` flag per field of the flat dataclass ``cls``: its type, default (or ``defaults``' value)
+    and docstring as help; fields in ``required`` must be given."""
+    docs, hints, defaults = field_docs(cls), typing.get_type_hints(cls), defaults or {}
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        help_text = docs.get(f.name, "").rstrip(".").replace("%", "%%")
+        if f.name in required:
+            parser.add_argument(flag, required=True, help=help_text)
+        elif tp is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            kind = tp if tp in (int, float) else str
+            default = defaults.get(f.name, f.default)
+            shown = f" (default: {default})" if default not in ("", None) else ""
+            parser.add_argument(flag, type=kind, default=default, help=help_text + shown)
+
+
+def dataclass_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The dataclass built from the flags ``add_dataclass_arguments`` added (its checks run as usual)."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -14,24 +14,17 @@ import math
 import time
 from pathlib import Path
 
-from t3d.config import PretrainConfig, load_config
-
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="run the whole pipeline on a small synthetic dataset (CPU, minutes)")
-    p.add_argument("--out", default="demo_out", help="folder for the demo's data, cache and runs")
-    p.add_argument("--num-studies", type=int, default=48, help="synthetic studies to generate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default=str(QUICKSTART), help="pre-training config (default: configs/quickstart.yaml)")
-    p.add_argument("--steps", type=int, default=None, help="pre-training steps (default: the config's train.steps)")
-    p.add_argument("--finetune-steps", type=int, default=120, help="segmentation fine-tuning steps per run")
-    p.add_argument("--preset", default="small", help="synthetic preset: tiny (tests), small (default), default")
-    p.set_defaults(func=_command)
+from t3d.config import QUICKSTART_CONFIG, PretrainConfig, load_config
+from t3d.data.preprocess import preprocess_manifest
+from t3d.data.synthetic import generate_dataset
+from t3d.data.synthetic.command import format_summary
+from t3d.finetune.cls import run_cls
+from t3d.finetune.config import ClsConfig, SegConfig
+from t3d.finetune.seg import run_seg
+from t3d.pretrain.main import run_pretrain
 
 
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     run_demo(args.out, args.num_studies, args.seed, args.config, args.steps, args.finetune_steps, args.preset)
     return 0
 
@@ -40,17 +33,12 @@ def run_demo(
     out: str | Path,
     num_studies: int = 48,
     seed: int = 0,
-    config: str | Path = QUICKSTART,
+    config: str | Path = QUICKSTART_CONFIG,
     steps: int | None = None,
     finetune_steps: int = 120,
     preset: str = "small",
 ) -> dict:
     """Run every stage; return ``{"pretrain": summary, "rows": [table rows]}``."""
-    from t3d.data.preprocess import preprocess_manifest
-    from t3d.data.synthetic import generate_dataset
-    from t3d.data.synthetic.command import format_summary
-    from t3d.pretrain.main import run_pretrain
-
     out = Path(out)
     data, cache, runs = out / "data", out / "cache", out / "runs"
     t0 = time.perf_counter()
@@ -94,10 +82,6 @@ def run_demo(
 
 def _finetune(task: str, runs: Path, name: str, args: list[str]) -> dict:
     """Run (or read back) one fine-tuning run; ``name``: ``pretrained`` (weights) or ``random`` (same architecture)."""
-    from t3d.finetune.cls import run_cls
-    from t3d.finetune.config import ClsConfig, SegConfig
-    from t3d.finetune.seg import run_seg
-
     out = runs / f"{task}-{name}"
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())

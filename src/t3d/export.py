@@ -24,26 +24,14 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from t3d.finetune.keymap import encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
-from t3d.finetune.pretrained import PretrainedEncoder, export_metadata, load_pretrained, monai_target
 from t3d.models.encoders import swap_batch_norms
+from t3d.models.keymap import encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
+from t3d.pretrained import PretrainedEncoder, export_metadata, load_pretrained, monai_target
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export",
-        help="export the pre-trained encoder to safetensors (loads into MONAI SwinUNETR / ResNet)",
-        description="Write the encoder weights of a pre-training run as safetensors with the preprocessing spec "
-        "(spacing, HU windows, crop size, encoder config) in the metadata.",
-    )
-    p.add_argument("--checkpoint", required=True, help="pre-training run folder or checkpoint .pt")
-    p.add_argument("--out", required=True, help="output file (.safetensors)")
-    p.set_defaults(func=_command)
-
-
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     out = export_encoder(args.checkpoint, args.out)
     print(f"exported encoder -> {out}")
     return 0

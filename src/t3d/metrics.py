@@ -1,4 +1,4 @@
-"""Downstream metrics (METHOD §6): thin wrappers over MONAI with the conventions we report.
+"""Downstream metrics (docs/method.md §6): thin wrappers over MONAI with the conventions we report.
 
 Segmentation (label maps of integer classes, 0 = background):
 
@@ -116,7 +116,8 @@ def small_lesion_scores(
     max_diameter_mm: float = 10.0,
     margin_mm: float = 5.0,
 ) -> list[LesionScore]:
-    """Dice restricted to the small lesions of ``target`` ("small-lesion Dice", the clip-vs-T3D test of METHOD §7).
+    """Dice restricted to the small lesions of ``target`` ("small-lesion Dice", the clip-vs-T3D test of
+    docs/method.md §7).
 
     For each class in ``lesion_labels``, the ground truth is split into 26-connected components; each component
     whose equivalent diameter is below ``max_diameter_mm`` is scored by the Dice of prediction vs ground truth of

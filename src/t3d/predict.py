@@ -26,32 +26,15 @@ from tqdm import tqdm
 
 from t3d.checkpoint import load_checkpoint
 from t3d.data.cache import StudyCache, StudyMeta, safe_key
+from t3d.data.cases import SegCase, case_id, prepare_cache
 from t3d.finetune.networks import SegSpec
-from t3d.finetune.segdata import SegCase, case_id, load_volume, prepare_cache
+from t3d.finetune.segdata import load_volume
 from t3d.finetune.segeval import InferenceSetting, predict_volume
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="apply a fine-tuned model to new scans (seg)")
-    tasks = p.add_subparsers(dest="task", metavar="TASK")
-    tasks.required = True
-    s = tasks.add_parser(
-        "seg",
-        help="segment scans with a `t3d finetune seg` checkpoint; NIfTI label maps on the source grids",
-        description=__doc__.split("\n\n", 1)[1],
-    )
-    s.add_argument("--checkpoint", required=True, help="fine-tuning run folder or its checkpoints/best.pt")
-    s.add_argument("--input", required=True, help="image file / DICOM folder, JSONL/CSV with 'image', or dataset.json")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--sw-batch-size", type=int, default=2, help="sliding windows per forward pass")
-    s.add_argument("--overlap", type=float, default=0.5, help="overlap of sliding windows (0..1)")
-    s.add_argument("--workers", type=int, default=1, help="preprocessing processes")
-    s.set_defaults(func=_seg_command)
-
-
-def _seg_command(args: argparse.Namespace) -> int:
+def seg_command(args: argparse.Namespace) -> int:
     rows = predict_seg(args.checkpoint, args.input, args.out, args.sw_batch_size, args.overlap, args.workers)
     print(f"predict seg: {len(rows)} label maps -> {args.out}")
     return 0 if rows else 1

@@ -1,4 +1,5 @@
-"""Crop sampling from the study cache (METHOD §1): K foreground-biased sites per study, two overlapping views each.
+"""Crop sampling from the study cache (docs/method.md §1): K foreground-biased sites per study, two overlapping
+views each.
 
     ds = CropDataset("cache", CropConfig(size=(96, 96, 96), sites=2), seed=0, epoch_length=10_000)
     loader = DataLoader(ds, batch_size=8, sampler=DistributedSampler(ds), num_workers=4)
@@ -129,7 +130,7 @@ def centre_bounds(shape: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray
 
 
 class CropDataset(Dataset):
-    """K crop sites x 2 overlapping, independently augmented views per cached study (METHOD §1).
+    """K crop sites x 2 overlapping, independently augmented views per cached study (docs/method.md §1).
 
     Args:
         cache_root: folder written by ``t3d preprocess`` (see ``t3d.data.cache``).

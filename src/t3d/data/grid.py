@@ -1,4 +1,4 @@
-"""Deterministic crops that cover a study's body: how a study is seen at evaluation time (METHOD §6).
+"""Deterministic crops that cover a study's body: how a study is seen at evaluation time (docs/method.md §6).
 
 Training samples random foreground crops (``t3d.data.crops.CropDataset``); evaluation must see every test study the
 same way every time, and see all of it, so that a 5 mm nodule far from the centre still reaches the study's

@@ -1,4 +1,4 @@
-"""Is this volume in Hounsfield units? Checks run before anything is cached (METHOD §1).
+"""Is this volume in Hounsfield units? Checks run before anything is cached (docs/method.md §1).
 
 CT stores HU: air about -1000, lung -900..-500, water 0, bone +300..+3000. Typical ways a volume arrives in
 another domain, and how they are recognised (``intensity: hu``):

@@ -1,4 +1,4 @@
-"""Pre-training manifests: one row per study (image + report), read from JSONL or CSV (METHOD §1).
+"""Pre-training manifests: one row per study (image + report), read from JSONL or CSV (docs/method.md §1).
 
 Accepted layouts::
 

@@ -1,4 +1,4 @@
-"""``t3d preprocess``: a manifest of raw studies -> the int16 HU crop cache of ``t3d.data.cache`` (METHOD §1).
+"""``t3d preprocess``: a manifest of raw studies -> the int16 HU crop cache of ``t3d.data.cache`` (docs/method.md §1).
 
     t3d preprocess --manifest reports.csv --root /data/ct --out cache --workers 8 --preprocess.spacing [0.8,0.8,1.5]
 
@@ -302,28 +302,6 @@ def format_summary(summary: dict[str, Any], quarantine: list[dict[str, Any]], sh
 
 
 # ----------------------------------------------------------------------------------------------- command
-
-
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "preprocess",
-        help="read, check, reorient and resample raw studies into the crop cache",
-        description=(
-            "Preprocess a manifest (JSONL/CSV, or the CT-RATE reports CSV) into an int16 HU crop cache. "
-            "Unchanged studies are skipped; bad ones go to CACHE/quarantine.json. Settings come from the "
-            "'preprocess:' section of --config and dotted overrides such as --preprocess.spacing [1,1,1.5] or "
-            "--preprocess.spacing native. Exit code 0 when the run finished and at least one study is cached."
-        ),
-    )
-    parser.add_argument("--manifest", help="JSONL/CSV manifest (default: data.manifest of --config)")
-    parser.add_argument("--out", help="cache folder (default: data.cache of --config)")
-    parser.add_argument("--root", help="data root for relative paths (default: data.root, else the manifest's folder)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    parser.add_argument("--config", help="YAML config; its 'preprocess:' and 'data:' sections are used")
-    parser.add_argument("--label-key", help="manifest column holding label paths (default: 'label' if present)")
-    parser.add_argument("--verify", action="store_true", help="hash every source, ignoring the size+mtime shortcut")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_command, accepts_overrides=True)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""One study's volume from source file to the cache grid (METHOD §1).
+"""One study's volume from source file to the cache grid (docs/method.md §1).
 
 read (MONAI readers, channel-first) -> spacing sanity -> [rescale from manifest columns] -> HU domain check ->
 orientation (``preprocess.orientation``, RAS) -> resample to ``preprocess.spacing`` (bilinear; labels nearest, onto

@@ -1,4 +1,4 @@
-"""Evaluation in the joint image-text space and on held-out studies (METHOD §6).
+"""Evaluation in the joint image-text space and on held-out studies (docs/method.md §6).
 
 ``t3d evaluate zeroshot``  prompt-pair zero-shot classification of findings (``zeroshot.py``)
 ``t3d evaluate retrieval`` image <-> report Recall@1/5/10 (``retrieval.py``)

@@ -1,4 +1,4 @@
-"""A pre-training checkpoint as an evaluator: study features, study embeddings and text embeddings (METHOD §6).
+"""A pre-training checkpoint as an evaluator: study features, study embeddings and text embeddings (docs/method.md §6).
 
     jm = load_joint("runs/pretrain")                               # run folder or .pt file
     data = study_dataset(jm.cfg, jm.spec, "cache", ids)            # grid crops (whole volume for ``clip``)
@@ -34,6 +34,7 @@ from t3d.data.crops import WholeVolumeDataset
 from t3d.data.grid import GridCropDataset
 from t3d.losses import MethodSpec, method_spec
 from t3d.pretrain.model import PretrainModel
+from t3d.text import load_text_features
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +195,6 @@ def text_embeddings(
 ) -> torch.Tensor:
     """(M, E) unit-norm joint-space embeddings of ``texts``: frozen encoder -> centre by the checkpoint's corpus
     mean -> normalise -> text head (the pre-training path of ``TextLookup``)."""
-    from t3d.text import load_text_features
-
     jm.require_joint_space()
     feats = load_text_features(list(texts), text_config(jm, text_model), cache_dir)
     if jm.text_model and feats.model_id != jm.text_model:

@@ -1,4 +1,4 @@
-"""Image <-> report retrieval in the joint space (METHOD §6): Recall@1/5/10 with bootstrap intervals.
+"""Image <-> report retrieval in the joint space (docs/method.md §6): Recall@1/5/10 with bootstrap intervals.
 
     hits = recall_hits(u @ t.T, ks=(1, 5, 10))       # (Q, 3): 1 where query i's own item is in its top k
     result = retrieval_metrics(u, t, n_boot=1000)    # both directions, intervals, chance k / N
@@ -12,6 +12,7 @@ fixed. Identical reports (e.g. several "no acute findings") make the report side
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t3d.configfile import dataclass_from_args
+from t3d.evaluate.pipeline import open_run
+from t3d.evaluate.report import fmt_interval, write_metrics
+from t3d.evaluate.request import StudyRequest
+from t3d.evaluate.studies import report_texts
 from t3d.metrics import bootstrap_indices, percentile_interval
 
 log = logging.getLogger(__name__)
@@ -73,8 +79,6 @@ def retrieval_metrics(
 
 def retrieval_markdown(title: str, result: dict, preamble: Sequence[str] = ()) -> str:
     """report.md table: one row per direction, one column per k, chance level in the last row."""
-    from t3d.evaluate.report import fmt_interval
-
     ks = list(result["chance"])
     ci = int(round(100 * result["bootstrap"]["ci"]))
     lines = [f"# {title}", "", *preamble, ""]
@@ -89,46 +93,34 @@ def retrieval_markdown(title: str, result: dict, preamble: Sequence[str] = ()) -
 
 
 def run_retrieval(
-    checkpoint: str | Path,
-    manifest: str | Path,
-    out: str | Path,
-    root: str | Path | None = None,
-    cache: str | Path | None = None,
-    splits: str | Path | None = None,
-    split: str = "test",
-    n_boot: int = 1000,
-    seed: int = 0,
-    overlap: float = 0.25,
-    max_crops: int = 27,
-    crop_batch: int = 8,
-    workers: int = 2,
-    text_model: str | None = None,
+    request: StudyRequest, manifest: str | Path, root: str | Path | None = None, n_boot: int = 1000, seed: int = 0
 ) -> dict:
     """Preprocess the held-out manifest like the checkpoint's data, embed images and reports, score recall.
 
     Writes ``out/metrics.json`` and ``out/report.md``; returns the metrics.
     """
-    from t3d.evaluate.joint import image_embeddings, load_joint, study_dataset, text_embeddings
-    from t3d.evaluate.report import write_metrics
-    from t3d.evaluate.studies import prepare_cache, read_split, report_texts
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    jm = load_joint(checkpoint)
-    jm.require_joint_space()
-    cache = Path(cache) if cache else out / "cache"
-    prepare_cache(manifest, cache, jm.cfg.preprocess, root=root, workers=workers)
-    ids = read_split(splits, split) if splits else None
-    ids, reports = report_texts(cache, jm.cfg.text.sections, ids)
+    run = open_run(request, joint_space=True)
+    run.prepare_manifest(manifest, root)
+    ids, reports = report_texts(run.cache, run.jm.cfg.text.sections, run.wanted())
     if len(ids) < 2:
         raise ValueError(f"retrieval needs at least 2 studies with a report, {manifest} gave {len(ids)}")
-    data = study_dataset(jm.cfg, jm.spec, cache, ids, overlap=overlap, max_crops=max_crops)
-    image_emb, got = image_embeddings(jm, data, crop_batch=crop_batch, workers=workers)
-    assert got == ids, "image embeddings came back in another order than the studies"
-    text_emb = text_embeddings(jm, reports, cache / "text", text_model=text_model)
+    image_emb, _ = run.image_embeddings(ids)
+    text_emb = run.text_embeddings(reports)
+    jm = run.jm
     result = retrieval_metrics(image_emb, text_emb, n_boot=n_boot, seed=seed, reports=reports)
-    result.update(checkpoint=str(checkpoint), method=jm.method, step=jm.step, manifest=str(manifest))
-    write_metrics(out, result)
-    preamble = [f"checkpoint `{checkpoint}` (method {jm.method}, step {jm.step}); manifest `{manifest}`"]
-    (out / "report.md").write_text(retrieval_markdown("Image-report retrieval", result, preamble))
+    result.update(checkpoint=str(request.checkpoint), method=jm.method, step=jm.step, manifest=str(manifest))
+    write_metrics(run.out, result)
+    preamble = [f"checkpoint `{request.checkpoint}` (method {jm.method}, step {jm.step}); manifest `{manifest}`"]
+    (run.out / "report.md").write_text(retrieval_markdown("Image-report retrieval", result, preamble))
     return result
+
+
+def command(args: argparse.Namespace) -> int:
+    """``t3d evaluate retrieval``."""
+    request = dataclass_from_args(StudyRequest, args)
+    result = run_retrieval(request, args.manifest, root=args.root, n_boot=args.n_boot, seed=args.seed)
+    for name in ("image_to_report", "report_to_image"):
+        recalls = "  ".join(f"{k}={v['value']:.3f}" for k, v in result[name].items())
+        print(f"{name.replace('_', ' ')}: {recalls}")
+    print("chance: " + "  ".join(f"{k}={v:.3f}" for k, v in result["chance"].items()), f"(N={result['n_studies']})")
+    return 0

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from t3d.config import PreprocessConfig
 from t3d.data.cache import StudyCache
+from t3d.data.preprocess import preprocess_manifest
+from t3d.pretrain.data import report_text
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,6 @@ def prepare_cache(
     Studies already cached with the same settings are skipped; quarantined ones are logged and left out. Raises
     when nothing could be cached.
     """
-    from t3d.data.preprocess import preprocess_manifest
-
     summary = preprocess_manifest(manifest, cache, cfg, root=root, workers=workers)
     if summary.get("quarantined"):
         log.warning(
@@ -71,8 +71,6 @@ def cached_ids(cache: str | Path, ids: list[str] | None = None) -> list[str]:
 
 def report_texts(cache: str | Path, sections: str, ids: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(ids, report texts restricted to ``sections``) of the cached studies that have a non-empty report."""
-    from t3d.pretrain.data import report_text
-
     rows = {row["id"]: row for row in StudyCache(cache).index()}
     order = cached_ids(cache, ids)
     texts = [report_text(rows[i], sections) for i in order]

@@ -1,4 +1,4 @@
-"""Zero-shot finding classification in the joint image-text space (METHOD §6), CheXzero-style prompt pairs.
+"""Zero-shot finding classification in the joint image-text space (docs/method.md §6), CheXzero-style prompt pairs.
 
 For each finding, positive prompts ("There is {finding}.") and negative prompts ("There is no {finding}.") are
 embedded by the checkpoint's text path and averaged per side (prompt ensemble: mean of unit vectors, renormalised,
@@ -18,6 +18,7 @@ Prompts YAML (all keys optional)::
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -31,6 +32,13 @@ import torch.nn.functional as F
 import yaml
 
 from t3d.config import ConfigError
+from t3d.configfile import dataclass_from_args
+from t3d.data.labels import prepare_label_cache, read_labels
+from t3d.evaluate.joint import logit_scale, text_embeddings
+from t3d.evaluate.pipeline import open_run
+from t3d.evaluate.report import classification_markdown, plot_roc, write_metrics
+from t3d.evaluate.request import StudyRequest
+from t3d.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +108,6 @@ def zeroshot_probabilities(image_emb: torch.Tensor, pos: torch.Tensor, neg: torc
 
 def prompt_embeddings(jm, prompts: dict, cache_dir: str | Path, text_model: str | None = None):
     """(L, E) positive and (L, E) negative ensembled prompt embeddings, in ``prompts`` order."""
-    from t3d.evaluate.joint import text_embeddings
-
     texts = sorted({t for sides in prompts.values() for side in SIDES for t in sides[side]})
     emb = text_embeddings(jm, texts, cache_dir, text_model=text_model)  # (T, E)
     row = {t: n for n, t in enumerate(texts)}
@@ -110,45 +116,28 @@ def prompt_embeddings(jm, prompts: dict, cache_dir: str | Path, text_model: str 
 
 
 def run_zeroshot(
-    checkpoint: str | Path,
+    request: StudyRequest,
     labels_csv: str | Path,
-    out: str | Path,
     images: str | Path | None = None,
-    splits: str | Path | None = None,
-    split: str = "test",
     prompts: str | Path | None = None,
-    cache: str | Path | None = None,
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
     stratified: bool = False,
-    overlap: float = 0.25,
-    max_crops: int = 27,
-    crop_batch: int = 8,
-    workers: int = 2,
-    text_model: str | None = None,
 ) -> dict:
-    """Score every labelled study (of ``split`` when a split file is given) zero-shot; write the run folder."""
-    from t3d.evaluate.joint import image_embeddings, load_joint, logit_scale, study_dataset
-    from t3d.evaluate.report import classification_markdown, plot_roc, write_metrics
-    from t3d.evaluate.studies import read_split
-    from t3d.finetune.clsdata import prepare_label_cache, read_labels
-    from t3d.metrics import classification_metrics
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    jm = load_joint(checkpoint)
-    jm.require_joint_space()
+    """Score every labelled study (of the request's split when it names a split file) zero-shot; write the run
+    folder."""
+    run = open_run(request, joint_space=True)
+    jm, out, checkpoint, splits, split = run.jm, run.out, request.checkpoint, request.splits, request.split
     table = read_labels(labels_csv, images)
     prompt_set = build_prompts(table.classes, load_prompt_spec(prompts))
-    cache = Path(cache) if cache else out / "cache"
-    table = prepare_label_cache(table, cache, jm.cfg.preprocess, workers=workers)
-    ids = [i for i in read_split(splits, split) if i in set(table.ids)] if splits else list(table.ids)
+    table = prepare_label_cache(table, run.cache, jm.cfg.preprocess, workers=request.workers)
+    wanted = run.wanted()
+    ids = [i for i in wanted if i in set(table.ids)] if wanted is not None else list(table.ids)
     if not ids:
         raise ValueError(f"no labelled, cached study is in split '{split}' of {splits}")
-    pos, neg = prompt_embeddings(jm, prompt_set, cache / "text", text_model)
-    data = study_dataset(jm.cfg, jm.spec, cache, ids, overlap=overlap, max_crops=max_crops)
-    image_emb, got = image_embeddings(jm, data, crop_batch=crop_batch, workers=workers)
+    pos, neg = prompt_embeddings(jm, prompt_set, run.cache / "text", request.text_model or None)
+    image_emb, got = run.image_embeddings(ids)
     y = table.labels_of(got)
     scale = logit_scale(jm)
     probs = zeroshot_probabilities(image_emb, pos, neg, scale)
@@ -178,3 +167,17 @@ def run_zeroshot(
         for i, p, t in zip(got, probs, y):
             writer.writerow([i, *[f"{v:.6f}" for v in p], *[int(v) for v in t]])
     return result
+
+
+def command(args: argparse.Namespace) -> int:
+    """``t3d evaluate zeroshot``."""
+    result = run_zeroshot(
+        dataclass_from_args(StudyRequest, args), args.data, images=args.images, prompts=args.prompts,
+        n_boot=args.n_boot, seed=args.seed, stratified=args.stratified,
+    )  # fmt: skip
+    macro = result["test"]["macro"]["auroc"]
+    print(
+        f"evaluate zeroshot [{result['method']}] macro AUROC {macro['value']:.3f} [{macro['low']:.3f}, "
+        f"{macro['high']:.3f}] over {result['test']['n_studies']} studies -> {args.out}"
+    )
+    return 0

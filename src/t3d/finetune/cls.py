@@ -1,4 +1,4 @@
-"""``t3d finetune cls``: multi-label finding classification from a pre-trained encoder (METHOD §6).
+"""``t3d finetune cls``: multi-label finding classification from a pre-trained encoder (docs/method.md §6).
 
     t3d finetune cls --data findings.csv --init runs/pretrain [--probe] [--fraction 0.1] [--splits splits.json] \
         [--images DIR] [--out runs/cls] [--config cls.yaml] [--steps 300 --sites 4 ...]
@@ -25,39 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t3d.checkpoint import save_checkpoint
+from t3d.checkpoint import latest_checkpoint, save_checkpoint
 from t3d.config import ConfigError, load_config, save_config, to_dict
-from t3d.data.cache import write_json_atomic
+from t3d.data.cache import StudyCache, write_json_atomic
 from t3d.data.crops import CropDataset, WholeVolumeDataset
 from t3d.data.grid import GridCropDataset
+from t3d.data.labels import prepare_label_cache, read_labels
 from t3d.evaluate.joint import default_device
 from t3d.evaluate.report import classification_markdown, plot_roc, plot_training_curves, write_metrics
-from t3d.finetune.clsdata import prepare_label_cache, read_labels, split_studies
+from t3d.finetune.clsdata import split_studies
 from t3d.finetune.clsengine import macro_auroc, predict, study_features, train_finetune, train_probe
 from t3d.finetune.clsmodel import EncoderSetup, StudyClassifier, encoder_setup
 from t3d.finetune.config import ClsConfig
 from t3d.metrics import classification_metrics, f1_thresholds
 
 log = logging.getLogger(__name__)
-
-
-def add_parser(subparsers) -> None:
-    """Register ``cls`` under ``t3d finetune``."""
-    p = subparsers.add_parser(
-        "cls",
-        help="classify findings: linear probe or fine-tune of a pre-trained encoder",
-        description="Multi-label classification (METHOD §6). Any ClsConfig field can be overridden: --steps 100.",
-    )
-    p.add_argument("--data", help="findings CSV (CT-RATE multi_abnormality_labels layout: VolumeName + 0/1 columns)")
-    p.add_argument("--init", help="pre-training checkpoint (.pt or run folder), or 'random'")
-    p.add_argument("--probe", action="store_true", help="freeze the encoder: linear probe on cached features")
-    p.add_argument("--fraction", type=float, help="label fraction of the training studies to use (0, 1]")
-    p.add_argument("--images", help="folder the CSV's VolumeName/image entries resolve against")
-    p.add_argument("--splits", help='split file {"finetune": [...], "test": [...]}; default a seeded split')
-    p.add_argument("--out", help="run folder (default runs/cls)")
-    p.add_argument("--seed", type=int, help="seed of splits, label fraction, sampling and bootstrap")
-    p.add_argument("--config", help="YAML ClsConfig; flags and --section.key overrides win over it")
-    p.set_defaults(func=_command, accepts_overrides=True)
 
 
 def config_from_args(args: argparse.Namespace) -> ClsConfig:
@@ -70,7 +52,7 @@ def config_from_args(args: argparse.Namespace) -> ClsConfig:
     return replace(cfg, **flags)
 
 
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     result = run_cls(cfg)
     macro = result["test"]["macro"]["auroc"]
@@ -163,9 +145,6 @@ def probe_features(model: StudyClassifier, setup: EncoderSetup, cache: Path, ids
     that shapes a feature (grid, windows, crops per study, pooling); each entry also records the study's
     preprocessing hash, so a re-preprocessed study is encoded again.
     """
-    from t3d.checkpoint import latest_checkpoint
-    from t3d.data.cache import StudyCache
-
     source = Path(cfg.init)
     if cfg.init != "random" and source.is_dir():
         source = latest_checkpoint(source) or source

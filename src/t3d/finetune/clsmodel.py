@@ -1,4 +1,5 @@
-"""The study classifier: a (pre-trained) 3D encoder, crop features pooled over a study, a linear head (METHOD §6).
+"""The study classifier: a (pre-trained) 3D encoder, crop features pooled over a study, a linear head
+(docs/method.md §6).
 
     setup = encoder_setup(cfg)                       # architecture + weights from cfg.init (or random)
     model = StudyClassifier(setup.encoder, num_classes=18, pooling="mean")
@@ -21,10 +22,10 @@ from torch import Tensor, nn
 from t3d.checkpoint import load_checkpoint
 from t3d.config import METHODS, CropConfig, ModelConfig, PreprocessConfig
 from t3d.finetune.config import ClsConfig
-from t3d.finetune.keymap import load_into
-from t3d.finetune.pretrained import load_pretrained
 from t3d.losses import method_spec
 from t3d.models import Encoder, build_encoder
+from t3d.models.keymap import load_into
+from t3d.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class EncoderSetup:
 
 def encoder_setup(cfg: ClsConfig) -> EncoderSetup:
     """The encoder of ``cfg.init``: a checkpoint / run folder / ``t3d export`` file gives architecture, windows,
-    preprocessing, crop size and weights (``t3d.finetune.pretrained``); ``random`` uses ``cfg.model`` etc., or
+    preprocessing, crop size and weights (``t3d.pretrained``); ``random`` uses ``cfg.model`` etc., or
     those of ``cfg.arch_from`` without its weights."""
     source = cfg.init if cfg.init != "random" else cfg.arch_from
     if not source:

@@ -1,4 +1,5 @@
-"""Downstream configs (METHOD §6), built with the machinery of ``t3d.config``: YAML sets values, dotted flags override.
+"""Downstream configs (docs/method.md §6), built with the machinery of ``t3d.config``: YAML sets values, dotted
+flags override.
 
     cfg = load_config(SegConfig, "configs/seg.yaml", ["--lr", "3e-4", "--crop_size=[64,64,64]"])
 

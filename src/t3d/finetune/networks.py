@@ -1,4 +1,4 @@
-"""Segmentation networks around the pre-trained encoders (METHOD §6).
+"""Segmentation networks around the pre-trained encoders (docs/method.md §6).
 
 ``swinvit`` -> MONAI ``SwinUNETR`` built with the encoder's exact Swin arguments, so ``swinViT.*`` weights drop in.
 ``resnet``  -> ``EncoderUNet``: our ``Encoder`` (``t3d.models.build_encoder``) under a UNet-style decoder of MONAI

@@ -1,4 +1,4 @@
-"""``t3d finetune seg``: organ + tumour segmentation from a pre-trained encoder (METHOD §6).
+"""``t3d finetune seg``: organ + tumour segmentation from a pre-trained encoder (docs/method.md §6).
 
     t3d finetune seg --data Task03_Liver/dataset.json --init runs/pretrain --fraction 0.1 --out runs/seg_t3d_10
     t3d finetune seg --data ... --init random --model.encoder swinvit --model.preset base   # the baseline
@@ -33,35 +33,19 @@ from tqdm import tqdm
 from t3d.checkpoint import load_checkpoint, save_checkpoint
 from t3d.config import ConfigError, load_config, save_config, to_dict
 from t3d.data.cache import StudyCache, write_json_atomic
+from t3d.data.cases import prepare_cache
 from t3d.finetune.config import SegConfig, check_seg_crop
-from t3d.finetune.keymap import LoadReport, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
 from t3d.finetune.networks import SegSpec, encoder_module
-from t3d.finetune.pretrained import PretrainedEncoder, load_pretrained
-from t3d.finetune.segdata import PatchDataset, lesion_classes, load_volume, make_splits, prepare_cache, read_msd
+from t3d.finetune.segdata import PatchDataset, lesion_classes, load_volume, make_splits, read_msd
 from t3d.finetune.segeval import InferenceSetting, evaluate_cases
 from t3d.finetune.segreport import plot_curves, plot_overlay, write_report
+from t3d.models.keymap import LoadReport, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
+from t3d.pretrained import PretrainedEncoder, load_pretrained
 
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
-    """Register ``seg`` under ``t3d finetune``."""
-    p = subparsers.add_parser(
-        "seg",
-        help="fine-tune SwinUNETR / encoder-UNet segmentation on an MSD-layout dataset",
-        description="Segmentation fine-tuning (METHOD §6). Any SegConfig field can be overridden: --lr 3e-4, "
-        "--crop_size [64,64,64], --model.preset base (random init only).",
-    )
-    p.add_argument("--data", help="MSD dataset.json (training [{image,label}], labels)")
-    p.add_argument("--init", help="pre-training run folder / .pt / exported .safetensors, or 'random'")
-    p.add_argument("--fraction", type=float, help="share of labelled training studies (e.g. 0.01, 0.1, 1)")
-    p.add_argument("--out", help="run folder")
-    p.add_argument("--config", help="YAML with SegConfig fields")
-    p.add_argument("--freeze-encoder", action="store_true", default=None, help="train the decoder only")
-    p.set_defaults(func=_command, accepts_overrides=True)
-
-
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     cfg = load_config(SegConfig, args.config, args.overrides)
     flags = {"data": args.data, "init": args.init, "fraction": args.fraction, "out": args.out}
     flags["freeze_encoder"] = args.freeze_encoder

@@ -1,8 +1,8 @@
-"""Segmentation data: the MSD ``dataset.json``, seeded splits, the labelled cache, training patches, whole volumes.
+"""Segmentation data: the MSD ``dataset.json``, seeded splits, training patches, whole volumes.
 
     cases, test, labels = read_msd("Task03_Liver/dataset.json")
     splits = make_splits([c.id for c in cases], [c.id for c in test], fraction=0.1, val_fraction=0.2, ...)
-    keys = prepare_cache(cases + test, "runs/seg/cache", preprocess_cfg)        # id -> cache key
+    keys = prepare_cache(cases + test, "runs/seg/cache", preprocess_cfg)        # t3d.data.cases: id -> cache key
     ds = PatchDataset(cache, [keys[i] for i in splits["train"]], windows, (96, 96, 96), num_classes=3, length=N)
 
 Studies go through the pre-training preprocessing (``t3d.data.preprocess``: RAS, target spacing, HU checks, labels
@@ -13,12 +13,9 @@ encoder was pre-trained on. Patches are read from the cache's int16 memory maps 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +23,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from t3d.config import PreprocessConfig
 from t3d.data.cache import AIR_HU, StudyCache
+from t3d.data.cases import SegCase, case_id
 from t3d.data.crops import apply_windows, centre_bounds, read_crop, window_params
 
-log = logging.getLogger(__name__)
-
 LESION_WORDS = re.compile(r"lesion|tumou?r|nodule|cancer|mass|cyst|metasta|stone|calcul", re.IGNORECASE)
-NO_REPORT = "(segmentation study without report)"
-"""Placeholder report text: the preprocessing manifest requires one, and the cache index carries it."""
 MAX_POINTS = 4000
 """Voxel positions kept per class and study for label-centred patch sampling."""
-
-
-@dataclass
-class SegCase:
-    """One labelled (or, for prediction, unlabelled) study of a segmentation dataset."""
-
-    id: str
-    image: Path
-    label: Path | None = None
-
-
-def case_id(path: str | Path) -> str:
-    """Study id from a file name: ``imagesTr/liver_7.nii.gz`` -> ``liver_7``."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def read_msd(dataset_json: str | Path) -> tuple[list[SegCase], list[SegCase], dict[int, str]]:
@@ -126,39 +101,6 @@ def make_splits(
             f"{len(pool)}; lower val_fraction/test_fraction or add studies"
         )
     return {"seed": seed, "fraction": fraction, "pool": len(pool), "train": train, "val": val, "test": test}
-
-
-def prepare_cache(
-    cases: Sequence[SegCase], cache_dir: str | Path, cfg: PreprocessConfig, workers: int = 1
-) -> dict[str, str]:
-    """Preprocess ``cases`` (image + label) into ``cache_dir``; returns id -> cache key of the cached ones.
-
-    Unchanged studies are skipped (the preprocessing is idempotent); quarantined ones are logged and left out.
-    """
-    from t3d.data.preprocess import preprocess_manifest
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # The manifest reader keeps every path inside its data root: use the deepest folder holding all files.
-    files = [Path(os.path.abspath(p)) for c in cases for p in (c.image, c.label) if p is not None]
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    manifest = cache_dir / "manifest.jsonl"
-    with manifest.open("w", encoding="utf-8") as fh:
-        for c in cases:
-            row = {"id": c.id, "image": os.path.relpath(os.path.abspath(c.image), root), "report": NO_REPORT}
-            if c.label is not None:
-                row["label"] = os.path.relpath(os.path.abspath(c.label), root)
-            fh.write(json.dumps(row) + "\n")
-    label_key = "label" if any(c.label is not None for c in cases) else None
-    summary = preprocess_manifest(manifest, cache_dir, cfg, root=root, workers=workers, label_key=label_key)
-    if summary["quarantined"]:
-        bad = json.loads((cache_dir / "quarantine.json").read_text())
-        for row in bad:
-            log.warning("left out %s: %s", row["id"], row["reason"])
-    keys = {row["id"]: row["key"] for row in StudyCache(cache_dir).index()}
-    if not keys:
-        raise ValueError(f"no study could be preprocessed into {cache_dir}; see {cache_dir / 'quarantine.json'}")
-    return keys
 
 
 def windowed(hu: np.ndarray, windows: Sequence[tuple[float, float]]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Whole-volume segmentation: sliding-window inference on cached studies and their scores (METHOD §6).
+"""Whole-volume segmentation: sliding-window inference on cached studies and their scores (docs/method.md §6).
 
     pred = predict_volume(net, volume, roi=(96, 96, 96), sw_batch_size=2, overlap=0.5, device=device)  # (X, Y, Z)
     result = evaluate_cases(net, cache, keys, labels, setting, hd95=True)   # per-case rows + per-class means

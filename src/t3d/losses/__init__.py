@@ -1,4 +1,5 @@
-"""Losses of METHOD §4: text-affinity targets, soft-target contrastive terms, masked restoration, the objective."""
+"""Losses of docs/method.md §4: text-affinity targets, soft-target contrastive terms, masked restoration, the
+objective."""
 
 from t3d.losses.affinity import calibrate_tau_text, hard_targets, target_self_prob, text_affinity_targets
 from t3d.losses.contrastive import (

@@ -1,4 +1,4 @@
-"""Soft-target contrastive losses of TCL (METHOD §4), distributed-aware.
+"""Soft-target contrastive losses of TCL (docs/method.md §4), distributed-aware.
 
 Every function receives this rank's *local* samples, gathers the other side from all ranks with gradients
 (``t3d.distributed.gather_with_grad``) and computes its local rows of the global (world·B × world·B) logits.

@@ -1,4 +1,4 @@
-"""The method table of METHOD §5 as data: every baseline and ablation is one row, one code path.
+"""The method table of docs/method.md §5 as data: every baseline and ablation is one row, one code path.
 
     spec = method_spec(cfg.method)
     if spec.restore:                   # decoder conditioning: spec.conditioning_for(cfg.model.conditioning)
@@ -70,7 +70,7 @@ _SPECS = {row[0]: MethodSpec(*row) for row in _TABLE}
 
 
 def method_spec(name: str) -> MethodSpec:
-    """The row of METHOD §5 for ``name`` (one of ``t3d.config.METHODS``)."""
+    """The row of docs/method.md §5 for ``name`` (one of ``t3d.config.METHODS``)."""
     if name not in _SPECS:
         raise ValueError(f"unknown pre-training method {name!r}; choose one of {', '.join(METHODS)}")
     return _SPECS[name]

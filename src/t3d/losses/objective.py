@@ -1,4 +1,4 @@
-"""The pre-training objective: ``L = λ_tcl · (L_view + λ_align · L_align) + λ_tir · TIR`` (METHOD §4).
+"""The pre-training objective: ``L = λ_tcl · (L_view + λ_align · L_align) + λ_tir · TIR`` (docs/method.md §4).
 
     objective = PretrainObjective(cfg.loss, method_spec(cfg.method), tau_text=tau)
     terms = objective(out)            # {"view": ..., "align": ..., "restore": ..., "tcl": ..., "loss": ...}
@@ -139,7 +139,7 @@ class PretrainObjective(nn.Module):
 
 def mean_pairwise_cosine(u: torch.Tensor) -> torch.Tensor:
     """Mean cosine between the different rows of ``u`` (B, E): a collapse monitor for the joint space. Near 1, every
-    study embeds to the same point and L_align sits at log B whatever the reports say (seen on CPU-sized runs)."""
+    study embeds to the same point and L_align sits at log B whatever the reports say."""
     if u.shape[0] < 2:
         return u.new_tensor(float("nan"))
     z = torch.nn.functional.normalize(u.float(), dim=-1)

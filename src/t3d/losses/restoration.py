@@ -1,4 +1,4 @@
-"""Text-informed image restoration (TIR, METHOD §4): random cube masking, corruption, masked L1.
+"""Text-informed image restoration (TIR, docs/method.md §4): random cube masking, corruption, masked L1.
 
     mask = random_cube_mask(views.shape, ratio=0.5, block=8, generator=g)    # (N, 1, D, H, W) bool, True = hidden
     x_in = corrupt(views, mask)                                               # what the encoder sees

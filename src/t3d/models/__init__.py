@@ -1,4 +1,4 @@
-"""Image encoders, projection heads and the text-conditioned restoration decoder (METHOD §3)."""
+"""Image encoders, projection heads and the text-conditioned restoration decoder (docs/method.md §3)."""
 
 from t3d.models.encoders import PRESETS, Encoder, ResNetEncoder, SwinEncoder, build_encoder, check_crop_size
 from t3d.models.heads import LogitScale, ProjectionHead

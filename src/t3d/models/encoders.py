@@ -1,4 +1,4 @@
-"""3D image encoders behind one timm-like contract (METHOD §3).
+"""3D image encoders behind one timm-like contract (docs/method.md §3).
 
     encoder = build_encoder(cfg.model, in_channels=cfg.crops.channels, img_size=cfg.crops.size)
     feats = encoder.forward_features(x)   # x (N, C, D, H, W) -> [(N, C_i, D/s_i, H/s_i, W/s_i)], s_i = 1, 2, ..., 32
@@ -13,7 +13,7 @@ Both encoders wrap MONAI modules without re-implementing them: ``swinvit`` is th
 ``SwinUNETR(...).swinViT`` with strict key matching; ``resnet`` is ``monai.networks.nets.ResNet`` held as
 ``self.resnet`` (same keys as a MONAI ``ResNet`` built with ``feed_forward=False``).
 
-Pooling rule (from a failed prototype): the pooled embedding must carry the sample. Global-average pooling an
+Pooling rule: the pooled embedding must carry the sample. Global-average pooling an
 instance-normalised map returns the norm's fixed per-channel mean for every sample, and every contrastive loss
 then sits at log B. Both encoders average their deepest stage *spatially* over maps whose normalisation is not
 spatial (Swin: LayerNorm over channels at each voxel; ResNet: BatchNorm + residual + ReLU) and only then apply a

@@ -1,4 +1,4 @@
-"""Projection heads into the joint image/text space and the learnable CLIP temperature (METHOD §3, §4).
+"""Projection heads into the joint image/text space and the learnable CLIP temperature (docs/method.md §3, §4).
 
 image_head = ProjectionHead(encoder.embed_channels, cfg.embed_dim)   # pooled crop features -> z (N, E)
 text_head = ProjectionHead(text_features.pooled.shape[1], cfg.embed_dim)  # centred frozen Et -> t (N, E)

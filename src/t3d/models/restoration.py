@@ -1,4 +1,4 @@
-"""Text-conditioned restoration decoder for text-informed image restoration, TIR (METHOD §3, §4).
+"""Text-conditioned restoration decoder for text-informed image restoration, TIR (docs/method.md §3, §4).
 
     decoder = RestorationDecoder(encoder.feature_channels, out_channels=C, cond_dim=Et, conditioning="film")
     restored = decoder(encoder.forward_features(corrupted), cond=report_emb)   # (N, C, D, H, W)

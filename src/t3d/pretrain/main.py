@@ -38,18 +38,7 @@ from t3d.pretrain.model import PretrainModel
 log = logging.getLogger(__name__)
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "pretrain",
-        help="pre-train an image encoder on (CT, report) pairs",
-        description="Pre-train with METHOD §2-§5. Any config value can be overridden: --train.lr 1e-4.",
-    )
-    p.add_argument("--config", help="YAML config (see configs/); defaults apply where it is silent")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.set_defaults(func=_command, accepts_overrides=True)
-
-
-def _command(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     summary = run_pretrain(cfg, resume=args.resume)
     if summary["rank"] == 0:  # not dist.is_main(): the process group is gone by now, every rank would say rank 0

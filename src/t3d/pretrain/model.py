@@ -1,10 +1,11 @@
-"""The pre-training model: image encoder + projection heads + text-conditioned restoration decoder (METHOD §3).
+"""The pre-training model: image encoder + projection heads + text-conditioned restoration decoder (docs/method.md §3).
 
 The model returns tensors; the loss is a separate object (``t3d.losses.PretrainObjective``). One forward pass serves
 both pretext tasks. With restoration and contrastive terms on, the *second* view of every site is masked and
 restored, the first stays clean: L_view then pairs a clean view with a masked one (masking as strong augmentation),
-and the study embedding that meets the report in L_align is the mean of the clean views only. Masking every view
-(Swin UNETR SSL style) kept L_align at log B for 150 steps in a test here, while clean views learned. Methods
+and the study embedding that meets the report in L_align is the mean of the clean views only. Clean views keep
+the study embedding a function of the study rather than of the random mask (masking every view, Swin UNETR SSL
+style, leaves L_align at log B much longer). Methods
 without contrastive terms mask and restore both views; methods without restoration see clean views.
 
 Tiled methods (``spec.tiles``) keep L_view and TIR on the crop views but take the study embedding of L_align from

@@ -1,4 +1,4 @@
-"""Report text (METHOD §2): cleaning and sentences, the frozen encoder, and cached centred features."""
+"""Report text (docs/method.md §2): cleaning and sentences, the frozen encoder, and cached centred features."""
 
 from t3d.text.encoder import MINILM_ID, FrozenTextEncoder, resolve_text_model
 from t3d.text.features import TextFeatures, load_text_features

@@ -1,4 +1,4 @@
-"""The frozen report encoder (METHOD §2): a Hugging Face model loaded from local files only, never trained.
+"""The frozen report encoder (docs/method.md §2): a Hugging Face model loaded from local files only, never trained.
 
 ``text.model`` picks it:
 

@@ -1,13 +1,13 @@
-"""Frozen text features, computed once and cached on disk (METHOD §2), and their corpus-mean centring.
+"""Frozen text features, computed once and cached on disk (docs/method.md §2), and their corpus-mean centring.
 
     feats = load_text_features(reports, cfg.text, cache_dir, tokens=False, sentences=False)
     s = feats.centred()            # (N, Et) = normalise(pooled - mean): what the projection and Y see
     ckpt["text_mean"] = feats.mean # the centring travels with the checkpoint
 
 **Why centre.** Sentence encoders are anisotropic: every embedding shares a large common direction, so templated CT
-reports all look alike. all-MiniLM-L6-v2 puts templated CT reports at mean pairwise cosine ~0.78 (METHOD §2); then
-the text-affinity targets Y = softmax((S - 1) / tau) are nearly uniform and a CLIP loss on the raw embeddings sat
-at log B in a prototype, while on centred embeddings it learned. Subtracting the corpus mean removes the shared
+reports all look alike. all-MiniLM-L6-v2 puts templated CT reports at mean pairwise cosine ~0.78 (docs/method.md §2);
+then the text-affinity targets Y = softmax((S - 1) / tau) are nearly uniform and a contrastive loss on the raw
+embeddings has almost nothing to separate. Subtracting the corpus mean removes the shared
 direction and leaves what differs between reports. Measured in tests/test_text.py (``templated_ct_reports``: 20
 templated CT reports, 4 of them the same normal report; MiniLM, mean pooling), off-diagonal cosine:
 
@@ -81,7 +81,7 @@ class TextFeatures:
     sent_mean: torch.Tensor | None = None
 
     def centred(self) -> torch.Tensor:
-        """(N, Et) unit vectors normalise(pooled - mean): the frozen report embedding s of METHOD §4."""
+        """(N, Et) unit vectors normalise(pooled - mean): the frozen report embedding s of docs/method.md §4."""
         return F.normalize(self.pooled - self.mean, dim=-1)
 
     def centred_sentences(self) -> torch.Tensor:

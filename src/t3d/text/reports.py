@@ -1,4 +1,4 @@
-"""Radiology report text: section selection, cleaning and sentence splitting (METHOD §2).
+"""Radiology report text: section selection, cleaning and sentence splitting (docs/method.md §2).
 
 Real reports arrive in many shapes (see the radmatch few-shot bundles used in the tests): one long line per section
 with runs of spaces where line breaks were, text hard-wrapped at ~70 characters in the middle of sentences, bullet
@@ -9,7 +9,7 @@ dose statements, signatures) describes the request or the scanner, not the image
 
     findings, impression = split_sections(raw)
     text = clean_report(findings, impression, sections="both")   # what the frozen text encoder sees
-    sentences = split_sentences(text)                            # for align=sentence (METHOD §4)
+    sentences = split_sentences(text)                            # for align=sentence (docs/method.md §4)
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def clean_report(findings: str, impression: str = "", sections: str = "both") ->
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split cleaned report text into sentences (for sentence-level alignment, METHOD §4).
+    """Split cleaned report text into sentences (for sentence-level alignment, docs/method.md §4).
 
     Line breaks are boundaries (:func:`clean_report` keeps only meaningful ones); within a line, ``.``/``!``/``?``
     followed by whitespace ends a sentence unless the next word starts lower-case, the period belongs to a decimal

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from t3d.data.synthetic.anatomy import LEFT, ORGAN_LABELS, Tissue, Torso, ellipsoid
+from t3d.data.synthetic.anatomy import ORGAN_LABELS, Tissue, Torso
+from t3d.data.synthetic.geometry import LEFT, ellipsoid
 
 FINDINGS = (
     "liver_lesion",
@@ -150,7 +151,7 @@ def _fraction(box: tuple[np.ndarray, np.ndarray], index) -> np.ndarray:
     """Position of voxel ``index`` inside ``box`` as fractions 0..1 per axis, in patient terms: x from the
     patient's right (0) to left (1), y posterior -> anterior, z inferior -> superior.
 
-    In the RAS+ grid the x index grows towards the patient's right (``anatomy.LEFT`` is -x), so x is flipped."""
+    In the RAS+ grid the x index grows towards the patient's right (``geometry.LEFT`` is -x), so x is flipped."""
     lo, hi = box
     f = (np.asarray(index) - lo) / np.maximum(hi - lo, 1)
     if LEFT < 0:

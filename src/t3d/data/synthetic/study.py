@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from t3d.data.synthetic.anatomy import Grid, build_torso, render
+from t3d.data.synthetic.anatomy import build_torso, render
 from t3d.data.synthetic.findings import FOCAL, draw_findings, sample_plan
+from t3d.data.synthetic.geometry import Grid
 from t3d.data.synthetic.reports import Report, write_report
 
 

@@ -21,7 +21,6 @@ from torch import Tensor
 from t3d import __version__
 from t3d.checkpoint import load_checkpoint
 from t3d.config import ModelConfig, PreprocessConfig, from_dict, to_dict
-from t3d.finetune.keymap import encoder_state
 from t3d.models.encoders import (
     RESNET_NORMS,
     RESNET_PRESETS,
@@ -31,6 +30,7 @@ from t3d.models.encoders import (
     SWIN_PRESETS,
     SWIN_WINDOW,
 )
+from t3d.models.keymap import encoder_state
 
 EXPORT_FORMAT = "t3d-encoder/1"
 
