@@ -16,11 +16,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from t3d import distributed
-from t3d.config import CropConfig, LossConfig, ModelConfig, PretrainConfig, TileConfig
+from t3d.checkpoint import save_checkpoint
+from t3d.config import CropConfig, LossConfig, ModelConfig, PretrainConfig, TileConfig, to_dict
 from t3d.data.grid import GridCropDataset, body_positions, grid_centres
 from t3d.data.tiles import TiledCropDataset
+from t3d.evaluate.joint import load_joint
 from t3d.losses import MethodSpec, PretrainObjective, method_spec
 from t3d.models import TilePooling
+from t3d.models.encoders import batch_dependent_norms
 from t3d.pretrain.gradcache import check_batch_independent, gradcache_step
 from t3d.pretrain.model import PretrainModel
 from test_distributed import free_port
@@ -185,3 +188,14 @@ def test_positions_are_normalised_body_coordinates():
     fg = np.array([[10, 20, 5], [30, 60, 5]])
     pos = body_positions(np.array([[10, 20, 5], [20, 40, 5], [40, 0, 5]]), fg, (64, 64, 16))
     np.testing.assert_allclose(pos, [[-1, -1, 0], [0, 0, 0], [1, -1, 0]])
+
+
+def test_checkpoint_without_model_norm_loads_as_the_batch_norm_it_was_trained_with(tmp_path):
+    cfg = replace(tiled_config("t3d", norm="batch"), method="t3d")
+    model = PretrainModel(cfg, method_spec("t3d"), text_dim=ET)
+    config = to_dict(cfg)
+    del config["model"]["norm"]  # written before model.norm existed
+    state = {"model": model.state_dict(), "config": config, "method": "t3d", "text_mean": torch.zeros(ET)}
+    save_checkpoint(state, tmp_path, "final")
+    jm = load_joint(tmp_path, device=torch.device("cpu"))  # strict key matching: running statistics included
+    assert jm.cfg.model.norm == "batch" and batch_dependent_norms(jm.model.encoder.train())
