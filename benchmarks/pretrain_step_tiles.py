@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="timed steps after one warm-up (medians reported)")
     p.add_argument("--volume", type=int, nargs=3, default=[256, 256, 128], help="whole volume (voxels) for (f)")
     p.add_argument("--cover-crop", type=int, default=64, help="tile side covering --volume in (f)")
+    p.add_argument("--cover-chunk", type=int, default=1, help="tiles.chunk of the tiled step in (f)")
     p.add_argument("--mem-limit-gb", type=float, default=16.0, help="address-space cap of the whole-volume child")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads in the children")
     p.add_argument("--json", default=None, help="merge the results into this JSON file")
@@ -111,7 +112,8 @@ def run_child(args: argparse.Namespace) -> dict:
         step = build_step(config("t3d", args.crop, args.batch, args.chunk, 1), cpu, TEXT_DIM, 0)
         return timed_steps(step, args.rounds, 1)
     n = len(cover_centres(args))
-    step = build_step(config("t3d-tiles", args.cover_crop, 1, args.chunk, n), cpu, TEXT_DIM, 0, spec=ALIGN_ONLY)
+    cfg = config("t3d-tiles", args.cover_crop, 1, args.cover_chunk, n)
+    step = build_step(cfg, cpu, TEXT_DIM, 0, spec=ALIGN_ONLY)
     step.batch["views"] = step.batch["views"][..., :32, :32, :32].contiguous()  # unused by L_align: the smallest
     return {"tiles": n, **timed_steps(step, 1, 0)}  # the first step of a fresh model, as on the volume side
 
@@ -186,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
             for n, r in by_tiles.items()
         },
         "cover": {
+            "chunk": args.cover_chunk,
             "volume": args.volume,
             "tile": [args.cover_crop] * 3,
             "tiles": cover["tiles"],

@@ -1,7 +1,9 @@
 """The pre-training loop: one screen of ``train_step`` plus the bookkeeping around it.
 
 ``train_step`` does forward, loss, backward, clip, step for one optimiser step (with gradient accumulation); the
-loop around it logs, checkpoints and shows progress. Wiring (data, text features, model) is in ``main.py``.
+loop around it logs, checkpoints and shows progress. Tiled methods run each micro-batch through GradCache
+(``t3d.pretrain.gradcache``) and average gradients over ranks themselves. Wiring (data, text features, model) is
+in ``main.py``.
 """
 
 from __future__ import annotations

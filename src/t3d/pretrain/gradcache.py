@@ -57,30 +57,36 @@ def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
 
 @torch.no_grad()
 def encode_without_graph(
-    fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int, autocast: Callable[[], AbstractContextManager] = nullcontext
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    index: Tensor,
+    chunk: int,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[Tensor, list[tuple[Tensor, Tensor | None]]]:
-    """Pass 1: ``fn`` of ``x`` (N, ...) in chunks, no graph -> (features (N, F), at least float32; the RNG state
-    before each chunk)."""
+    """Pass 1: ``fn`` of the rows ``index`` of ``x`` (M, ...) in chunks, no graph -> (features (N, F), at least
+    float32, N = len(index); the RNG state before each chunk). Only one chunk of inputs is copied at a time."""
     feats, states = [], []
-    for part in x.split(chunk):
-        states.append(_rng_state(part.device))
+    for rows in index.split(chunk):
+        states.append(_rng_state(x.device))
         with autocast():
-            feats.append(_upcast(fn(part)))
+            feats.append(_upcast(fn(x.index_select(0, rows))))
     return torch.cat(feats), states
 
 
 def backward_chunks(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
+    index: Tensor,
     grad: Tensor,
     states: list[tuple[Tensor, Tensor | None]],
     chunk: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> None:
-    """Pass 2: re-run ``fn`` on each chunk of ``x`` with a graph under pass 1's RNG state and back-propagate its
-    slice of ``grad`` (d loss / d features, (N, F)). The caller's RNG state is left as it was."""
+    """Pass 2: re-run ``fn`` on each chunk of the rows ``index`` of ``x`` with a graph under pass 1's RNG state and
+    back-propagate its slice of ``grad`` (d loss / d features, (N, F)). The caller's RNG state is left as it was."""
     devices = [x.device] if x.device.type == "cuda" else []
-    for part, g, (cpu_state, cuda_state) in zip(x.split(chunk), grad.split(chunk), states):
+    for rows, g, (cpu_state, cuda_state) in zip(index.split(chunk), grad.split(chunk), states):
+        part = x.index_select(0, rows)
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
@@ -106,14 +112,14 @@ def gradcache_step(
     scaling, accumulation division) -- the tile gradients inherit whatever it applies.
     """
     check_batch_independent(core.encoder)
-    mask = batch["tile_mask"].bool()
-    tiles = batch["tiles"][mask]  # (N, C, D, H, W), the real tiles in batch order
-    feats, states = encode_without_graph(core.tile_features, tiles, chunk, autocast)
+    tiles = batch["tiles"].flatten(0, 1)  # (B*T, C, D, H, W), a view: tiles are copied one chunk at a time
+    real = batch["tile_mask"].flatten().nonzero().squeeze(1)  # the N real tiles, in batch order
+    feats, states = encode_without_graph(core.tile_features, tiles, real, chunk, autocast)
     leaf = feats.requires_grad_()
     with autocast():
         out = core(batch, text, generator=generator, tile_feats=leaf)
     terms = objective(out)
     backward(terms["loss"])
     if leaf.grad is not None:
-        backward_chunks(core.tile_features, tiles, leaf.grad, states, chunk, autocast)
+        backward_chunks(core.tile_features, tiles, real, leaf.grad, states, chunk, autocast)
     return terms

@@ -72,9 +72,9 @@ class PretrainModel(nn.Module):
         None encodes them here with a graph."""
         mask = batch["tile_mask"].bool()
         b, t = mask.shape
-        if tile_feats is None:
-            tile_feats = self.tile_features(batch["tiles"][mask])
         real = mask.flatten().nonzero().squeeze(1)
+        if tile_feats is None:
+            tile_feats = self.tile_features(batch["tiles"].flatten(0, 1).index_select(0, real))
         feats = tile_feats.new_zeros(b * t, tile_feats.shape[-1]).index_copy(0, real, tile_feats).view(b, t, -1)
         pos = batch["tile_pos"].to(feats.dtype)
         out = {"study_emb": self.tile_pool(feats, pos, mask)}
