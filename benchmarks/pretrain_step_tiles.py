@@ -6,7 +6,9 @@ Every step is the engine's ``train_step`` on a ``PretrainModel`` + ``PretrainObj
 ``pretrain_step.py``; inputs are random tensors already in memory. Each measurement runs in its own child process
 (the CPU's RSS high-water mark is per process; a fresh process also has no allocator history), and memory is the
 peak a step adds on top of what is live right before it (``MemoryProbe``: inputs, weights and optimiser state
-excluded), so tiles held as input do not count, only what the step builds.
+excluded), so tiles held as input do not count, only what the step builds. Children run with glibc's
+``MALLOC_MMAP_THRESHOLD_=65536``: blocks above 64 KiB are mapped and unmapped on free, so RSS follows live memory
+instead of heap slack (with the default, re-allocating one tile per chunk leaves ~0.5 MiB of slack per tile).
 
 (d) Peak memory of a ``t3d-tiles`` step vs tiles per study (``--tiles``, default 4 8 16 32 64) with a fixed
     ``tiles.chunk``: GradCache keeps one chunk's graph plus the tile features, so the curve should be flat
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -57,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2, help="studies per step for (d) and (e)")
     p.add_argument("--chunk", type=int, default=4, help="tiles.chunk: tiles per graph in pass 2")
     p.add_argument("--rounds", type=int, default=3, help="timed steps after one warm-up (medians reported)")
-    p.add_argument("--volume", type=int, nargs=3, default=[256, 256, 128], help="whole volume (voxels) for (f)")
+    p.add_argument("--volume", type=int, nargs=3, default=[384, 384, 192], help="whole volume (voxels) for (f)")
     p.add_argument("--cover-crop", type=int, default=64, help="tile side covering --volume in (f)")
     p.add_argument("--cover-chunk", type=int, default=1, help="tiles.chunk of the tiled step in (f)")
     p.add_argument("--mem-limit-gb", type=float, default=16.0, help="address-space cap of the whole-volume child")
@@ -124,9 +127,13 @@ def cover_centres(args: argparse.Namespace) -> np.ndarray:
     return grid_centres(args.volume, np.empty((0, 3)), size, overlap=0.25, max_crops=10**6)
 
 
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+"""glibc: map every block above 64 KiB, so that RSS tracks live memory (see the module docstring)."""
+
+
 def child(args: argparse.Namespace, argv: list[str], which: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", which]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
     lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_TAG)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"child {which} failed ({proc.returncode}): {proc.stderr[-1500:]}")
@@ -137,7 +144,7 @@ def whole_volume(args: argparse.Namespace) -> dict:
     """``pretrain_step.py``'s (c) volume child: the clip objective's first step on one padded ``--volume``."""
     cmd = [sys.executable, str(BENCH / "pretrain_step.py"), "--child", "volume", "--volume", *map(str, args.volume)]
     cmd += ["--mem-limit-gb", str(args.mem_limit_gb)] + (["--threads", str(args.threads)] if args.threads else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **CHILD_ENV})
     lines = [line for line in proc.stdout.splitlines() if line.startswith(VOLUME_TAG)]
     if proc.returncode != 0 or not lines:
         return {"status": "failed", "returncode": proc.returncode, "stderr": proc.stderr[-400:]}
