@@ -1,5 +1,6 @@
-"""The package's layers point one way: a module imports its own unit or a lower layer, at module level, and no
-group of modules imports itself in a circle. The layer order is written down here once (and in the README).
+"""The package's layers point one way: a module imports its own unit or a lower layer, at module level (no import
+of any package inside a function), and no group of modules imports itself in a circle. The layer order is written
+down here once (and in the README's layout section).
 
 A *unit* is a top-level module (``t3d.config``) or sub-package (``t3d.data``) of ``src/t3d``.
 """
@@ -64,8 +65,25 @@ def test_every_unit_has_a_layer():
     assert units <= set(RANK), f"add these to LAYERS (and the README's layout): {sorted(units - set(RANK))}"
 
 
+def function_level_imports(tree: ast.Module) -> list[tuple[str, int]]:
+    """(imported module, line) of every import statement inside a function, of any package."""
+    found = []
+    for func in ast.walk(tree):
+        if isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            for node in ast.walk(func):
+                if isinstance(node, ast.Import):
+                    found += [(a.name, node.lineno) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    found.append((node.module or ".", node.lineno))
+    return sorted(set(found), key=lambda t: t[1])
+
+
 def test_no_import_inside_a_function():
-    nested = [f"{m}:{line} imports {target}" for m, edges in import_graph().items() for target, line, n in edges if n]
+    nested = [
+        f"{module_name(p)}:{line} imports {target}"
+        for p in sorted(SRC.rglob("*.py"))
+        for target, line in function_level_imports(ast.parse(p.read_text(), str(p)))
+    ]
     assert not nested, "move these imports to module level (a cycle or a slow import is a layering problem):\n" + (
         "\n".join(nested)
     )

@@ -19,6 +19,7 @@ from t3d import __version__
 from t3d.configfile import ConfigError
 
 # name -> ("module:function" that adds its parser, one-line help), in the order they appear in `t3d --help`.
+# The help lives here only: `t3d --help` lists the commands without importing their modules.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("t3d.commands:add_demo", "run the whole pipeline on a small synthetic dataset (CPU, minutes)"),
     "synth": (

@@ -19,7 +19,7 @@ PREDICT_SEG_DESCRIPTION = (
 
 def add_demo(subparsers) -> None:
     """``t3d demo``."""
-    p = subparsers.add_parser("demo", help="run the whole pipeline on a small synthetic dataset (CPU, minutes)")
+    p = subparsers.add_parser("demo")
     p.add_argument("--out", default="demo_out", help="folder for the demo's data, cache and runs")
     p.add_argument("--num-studies", type=int, default=48, help="synthetic studies to generate")
     p.add_argument("--seed", type=int, default=0)
@@ -34,7 +34,7 @@ def add_demo(subparsers) -> None:
 
 def add_predict(subparsers) -> None:
     """``t3d predict seg``."""
-    p = subparsers.add_parser("predict", help="apply a fine-tuned model to new scans (seg)")
+    p = subparsers.add_parser("predict")
     tasks = p.add_subparsers(dest="task", metavar="TASK")
     tasks.required = True
     s = tasks.add_parser(
@@ -55,7 +55,6 @@ def add_export(subparsers) -> None:
     """``t3d export``."""
     p = subparsers.add_parser(
         "export",
-        help="export the pre-trained encoder to safetensors (loads into MONAI SwinUNETR / ResNet)",
         description="Write the encoder weights of a pre-training run as safetensors with the preprocessing spec "
         "(spacing, HU windows, crop size, encoder config) in the metadata.",
     )
@@ -68,7 +67,6 @@ def add_embed(subparsers) -> None:
     """``t3d embed``: its study flags come from ``StudyRequest``."""
     p = subparsers.add_parser(
         "embed",
-        help="export image (and report) embeddings of a manifest from a pre-training checkpoint",
         description="Embed every study of a manifest (JSONL/CSV, CT-RATE layout too) into .npy files + an id index.",
     )
     p.add_argument("--manifest", required=True, help="manifest of the studies (id, image, report/findings/...)")

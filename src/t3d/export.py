@@ -22,6 +22,8 @@ import logging
 import uuid
 from pathlib import Path
 
+from monai.networks.nets import ResNet, SwinUNETR
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from t3d.models.encoders import swap_batch_norms
@@ -39,8 +41,6 @@ def command(args: argparse.Namespace) -> int:
 
 def monai_module(pre: PretrainedEncoder) -> nn.Module:
     """The MONAI module the exported weights are for (``SwinUNETR(...).swinViT`` or ``ResNet``), freshly built."""
-    from monai.networks.nets import ResNet, SwinUNETR
-
     _, kwargs = monai_target(pre)
     if pre.model.encoder == "swinvit":
         return SwinUNETR(out_channels=2, **kwargs).swinViT
@@ -62,8 +62,6 @@ def exported_tensors(pre: PretrainedEncoder) -> dict[str, Tensor]:
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the encoder of ``checkpoint`` to ``out`` (safetensors), after checking it loads strictly into MONAI."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from scipy import ndimage
+from scipy.stats import rankdata
+from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 # ----------------------------------------------------------------------------------------------- segmentation
 
@@ -200,8 +202,6 @@ class Interval:
 
 def auroc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     """Area under the ROC curve of one class (``sklearn.metrics.roc_auc_score``); NaN when only one label occurs."""
-    from sklearn.metrics import roc_auc_score
-
     y_true = np.asarray(y_true)
     if len(np.unique(y_true)) < 2:
         return float("nan")
@@ -220,8 +220,6 @@ def f1_thresholds(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     Candidate thresholds are the observed scores (``sklearn.metrics.precision_recall_curve``); a study is called
     positive when ``score >= threshold``. A class without positives gets the threshold 0.5.
     """
-    from sklearn.metrics import precision_recall_curve
-
     y_true, y_score = _check_multilabel(y_true, y_score)
     out = np.full(y_true.shape[1], 0.5)
     for c in range(y_true.shape[1]):
@@ -260,8 +258,6 @@ def auroc_replicates(y_true: np.ndarray, y_score: np.ndarray) -> np.ndarray:
     their average rank (``scipy.stats.rankdata``), which is exactly ``roc_auc_score`` (tested); used for bootstrap
     replicates, where one scikit-learn call per class and replicate would take minutes.
     """
-    from scipy.stats import rankdata
-
     y = np.asarray(y_true) > 0.5
     ranks = rankdata(np.asarray(y_score, dtype=float), axis=1)
     n1 = y.sum(axis=1).astype(float)

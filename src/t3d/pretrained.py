@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import Tensor
 
 from t3d import __version__
@@ -148,9 +150,6 @@ def export_metadata(pre: PretrainedEncoder) -> dict[str, str]:
 
 def read_export(path: str | Path) -> PretrainedEncoder:
     """Read a ``t3d export`` file back (weights re-keyed to ``Encoder`` level)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"exported encoder {path} does not exist")

@@ -9,11 +9,10 @@ from typing import Any
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "preprocess",
-        help="read, check, reorient and resample raw studies into the crop cache",
         description=(
             "Preprocess a manifest (JSONL/CSV, or the CT-RATE reports CSV) into an int16 HU crop cache. "
             "Unchanged studies are skipped; bad ones go to CACHE/quarantine.json. Settings come from the "
-            "'preprocess:' section of --config and dotted overrides such as --preprocess.spacing [1,1,1.5] or "
+            "'preprocess:' section of --config and dotted overrides such as '--preprocess.spacing=[1,1,1.5]' or "
             "--preprocess.spacing native. Exit code 0 when the run finished and at least one study is cached."
         ),
     )

@@ -23,11 +23,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import nrrd
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 from monai.data import ImageReader, MetaTensor, NibabelReader, NrrdReader, PydicomReader
 from monai.data.utils import orientation_ras_lps
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+from nibabel.openers import ImageOpener
 
 FORMATS = {".nii": "nifti", ".nii.gz": "nifti", ".nrrd": "nrrd", ".mha": "itk", ".mhd": "itk"}
 MAX_SLICE_GAP_RATIO = 1.1  # DICOM slice gaps may differ by 10 % (rounding) before we call the series uneven
@@ -127,8 +131,6 @@ def _as_volume(data: np.ndarray, meta: dict, path: Path, what: str) -> MetaTenso
 
 
 def _check_nrrd_header(path: Path) -> None:
-    import nrrd
-
     try:
         header = nrrd.read_header(str(path))
     except Exception as err:
@@ -146,9 +148,6 @@ def _check_nrrd_header(path: Path) -> None:
 
 def _check_nifti_pixdim(path: Path) -> None:
     """nibabel silently turns a zero pixdim into 1 mm on load when no qform/sform is set: read the raw header."""
-    import nibabel as nib
-    from nibabel.openers import ImageOpener
-
     try:
         with ImageOpener(str(path)) as fh:
             header = nib.Nifti1Header.from_fileobj(fh, check=False)
@@ -173,8 +172,6 @@ def dicom_series_files(folder: Path) -> list[Path]:
     Raises StudyError when the folder holds several series (naming their SeriesInstanceUIDs), no DICOM image, a
     single slice, or slices whose positions are missing, repeated or unevenly spaced (missing slices).
     """
-    import pydicom
-
     headers = []
     for file in sorted(p for p in folder.iterdir() if p.is_file()):
         if pydicom.misc.is_dicom(str(file)):

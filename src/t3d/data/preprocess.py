@@ -1,6 +1,6 @@
 """``t3d preprocess``: a manifest of raw studies -> the int16 HU crop cache of ``t3d.data.cache`` (docs/method.md §1).
 
-    t3d preprocess --manifest reports.csv --root /data/ct --out cache --workers 8 --preprocess.spacing [0.8,0.8,1.5]
+    t3d preprocess --manifest reports.csv --root /data/ct --out cache --workers 8 '--preprocess.spacing=[0.8,0.8,1.5]'
 
 What happens to one study is in ``t3d.data.volume`` (read, check, RAS, resample, pad, int16). This module runs it
 over a manifest:
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from t3d.config import ConfigError, PreprocessConfig, PretrainConfig, load_config
@@ -227,8 +228,6 @@ def run_studies(
 
 
 def _init_worker() -> None:
-    import torch
-
     torch.set_num_threads(1)  # K workers x 1 thread: resampling parallelises over studies, not voxels
 
 

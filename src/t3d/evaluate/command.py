@@ -16,7 +16,7 @@ from t3d.evaluate.request import StudyRequest
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="zero-shot classification and image-report retrieval of a checkpoint")
+    p = subparsers.add_parser("evaluate")
     sub = p.add_subparsers(dest="evaluation", metavar="EVALUATION")
     sub.required = True
     z = sub.add_parser("zeroshot", help="zero-shot finding classification with prompt pairs")

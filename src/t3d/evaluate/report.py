@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from t3d.data.cache import write_json_atomic  # noqa: E402
 
@@ -93,8 +94,6 @@ def plot_roc(
 ) -> Path:
     """One ROC curve per class with a defined AUROC (``sklearn.metrics.roc_curve``), chance diagonal, AUROC in
     the legend."""
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     y_true, y_score = np.asarray(y_true), np.asarray(y_score)
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
     cmap = plt.get_cmap("tab20")

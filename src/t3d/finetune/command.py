@@ -10,7 +10,6 @@ from __future__ import annotations
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune",
-        help="fine-tune a pre-trained encoder on a downstream task (seg, cls)",
         description="Downstream fine-tuning from a pre-training checkpoint, or from random initialisation.",
     )
     tasks = p.add_subparsers(dest="task", metavar="TASK")
@@ -25,7 +24,7 @@ def add_seg(subparsers) -> None:
         "seg",
         help="fine-tune SwinUNETR / encoder-UNet segmentation on an MSD-layout dataset",
         description="Segmentation fine-tuning (docs/method.md §6). Any SegConfig field can be overridden: --lr 3e-4, "
-        "--crop_size [64,64,64], --model.preset base (random init only).",
+        "'--crop_size=[64,64,64]', --model.preset base (random init only).",
     )
     p.add_argument("--data", help="MSD dataset.json (training [{image,label}], labels)")
     p.add_argument("--init", help="pre-training run folder / .pt / exported .safetensors, or 'random'")

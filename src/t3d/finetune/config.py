@@ -95,7 +95,7 @@ def check_seg_crop(size: tuple[int, ...], name: str) -> None:
     if len(size) != 3 or any(int(s) < 32 or int(s) % 32 for s in size) or max(size) < 64:
         raise ConfigError(
             f"{name}={list(size)}: segmentation patches need three multiples of 32 voxels, at least one of them "
-            ">= 64; e.g. --crop_size [96,96,96]"
+            ">= 64; e.g. '--crop_size=[96,96,96]'"
         )
 
 

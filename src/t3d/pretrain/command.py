@@ -7,7 +7,6 @@ from __future__ import annotations
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain",
-        help="pre-train an image encoder on (CT, report) pairs",
         description="Pre-train with docs/method.md §2-§5. Any config value can be overridden: --train.lr 1e-4.",
     )
     p.add_argument("--config", help="YAML config (see configs/); defaults apply where it is silent")

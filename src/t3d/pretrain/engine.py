@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from t3d import distributed as dist
 from t3d.config import TrainConfig
@@ -152,8 +154,6 @@ class RunLog:
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             kept = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step else []
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, row: dict[str, Any]) -> None:
@@ -174,8 +174,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak accelerator memory (GPU) or peak resident set size of this process (CPU), in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+from transformers import AutoModel, AutoTokenizer
 
 from t3d.config import ConfigError
 
@@ -107,9 +110,6 @@ def _minilm_folder() -> Path:
 
 
 def _resolve_hub_id(model: str) -> ResolvedModel:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     try:
         folder = Path(snapshot_download(model, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as err:
@@ -158,8 +158,6 @@ class FrozenTextEncoder:
         log.info("text encoder %s (%s pooling, dim %d) from %s", self.model_id, pooling, self.dim, self.resolved.path)
 
     def _load(self, trust_remote_code: bool):
-        from transformers import AutoModel, AutoTokenizer
-
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(self.resolved.path), **kwargs)

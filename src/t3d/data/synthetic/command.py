@@ -301,7 +301,6 @@ def _main(args) -> int:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "synth",
-        help="write a synthetic CT + report benchmark (volumes, labels, reports, ground truth)",
         description="Write synthetic chest-abdomen CT volumes with organ/lesion labels, reports generated from the "
         "ground truth, MSD dataset.json, CT-RATE-style findings.csv and pretrain/finetune/test splits.",
     )
