@@ -275,8 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
         results["memory"] = memory_comparison(args, argv, device, rows["t3d"]["crops_per_step"])
     print_table(results)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The tiled-path figures of pretrain_step_tiles.py share the file: keep them (they carry their own command).
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        kept = {k: v for k, v in old.items() if k.startswith(("tiled", "whole_volume_vs_tiled"))}
+        path.write_text(json.dumps({**results, **kept}, indent=1) + "\n")
     return results
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from t3d.config import PretrainConfig
-from t3d.losses import PretrainObjective, method_spec
+from t3d.losses import MethodSpec, PretrainObjective, method_spec
 from t3d.pretrain.engine import StepContext, build_optimizer, build_scheduler, train_step
 from t3d.pretrain.main import _autocast_dtype
 from t3d.pretrain.model import PretrainModel
@@ -60,9 +60,13 @@ def synthetic_text(cfg: PretrainConfig, studies: int, text_dim: int, device: tor
     return text_for
 
 
-def build_step(cfg: PretrainConfig, device: torch.device, text_dim: int, seed: int) -> Step:
-    """Model, objective, AdamW, schedule and autocast exactly as ``t3d.pretrain.main`` wires them."""
-    spec, b = method_spec(cfg.method), cfg.train.batch_size
+def build_step(
+    cfg: PretrainConfig, device: torch.device, text_dim: int, seed: int, spec: MethodSpec | None = None
+) -> Step:
+    """Model, objective, AdamW, schedule and autocast exactly as ``t3d.pretrain.main`` wires them. ``spec``: a
+    method row other than ``cfg.method``'s (a variant that has no name in the table). Tiled methods also get
+    ``tiles.max_tiles`` real tiles per study (the padded maximum, none masked)."""
+    spec, b = spec or method_spec(cfg.method), cfg.train.batch_size
     torch.manual_seed(seed)
     model = PretrainModel(cfg, spec, text_dim=text_dim).to(device)
     objective = PretrainObjective(cfg.loss, spec).to(device)
@@ -87,4 +91,9 @@ def build_step(cfg: PretrainConfig, device: torch.device, text_dim: int, seed: i
         shape = (b, cfg.crops.sites, 2, c, *cfg.crops.size)  # (B, K, 2, C, D, H, W)
         batch = {"views": torch.rand(shape, generator=g).to(device), "index": index}
         crops = b * cfg.crops.sites * 2
+    if spec.tiles:
+        t = cfg.tiles.max_tiles
+        batch["tiles"] = torch.rand(b, t, c, *cfg.crops.size, generator=g).to(device)  # (B, T, C, D, H, W)
+        batch["tile_pos"] = (torch.rand(b, t, 3, generator=g) * 2 - 1).to(device)
+        batch["tile_mask"] = torch.ones(b, t, dtype=torch.bool, device=device)
     return Step(cfg.method, ctx, batch, torch.Generator().manual_seed(seed), b, crops, math.prod(shape) // c)

@@ -88,7 +88,7 @@ def _swin_state(in_channels: int, feature_size: int, seed: int) -> dict[str, tor
 
 def resnet_encoder_state(in_channels: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    enc = ResNetEncoder(in_channels, *RESNET_PRESETS["tiny"])
+    enc = ResNetEncoder(in_channels, *RESNET_PRESETS["tiny"], norm=ModelConfig().norm)  # the config's default norm
     return {f"encoder.{k}": v.clone() for k, v in enc.state_dict().items()}
 
 

@@ -8,9 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import default_collate
 
 from cls_helpers import synth_dataset, write_checkpoint
 from t3d.cli import main
+from t3d.data.tiles import TiledCropDataset
+from t3d.evaluate.joint import image_embeddings, load_joint, study_dataset
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +81,24 @@ def test_embed_of_one_split(tiny):
     out = _embed(tiny, "vssl", "emb_split", ["--splits", str(tiny["data"] / "splits.json"), "--split", "test"])
     want = json.loads((tiny["data"] / "splits.json").read_text())["test"]
     assert sorted(json.loads((out / "ids.json").read_text())) == sorted(want)
+
+
+def test_tiled_checkpoint_embeds_with_the_training_tiles_and_pooling(tiny):
+    """A tiled method's study embedding in ``embed`` / evaluation is the training function: the checkpoint's tile
+    grid (not ``--max-crops``) and its attention pooling, exactly as ``TiledCropDataset`` + the model compute it."""
+    tiny["t3d-tiles"] = write_checkpoint(tiny["root"] / "ck_tiles", "t3d-tiles")
+    out = _embed(tiny, "t3d-tiles", "emb_tiles")
+    jm = load_joint(tiny["t3d-tiles"], device=torch.device("cpu"))
+    training = TiledCropDataset(out / "cache", jm.cfg.crops, jm.cfg.tiles)
+    ids = json.loads((out / "ids.json").read_text())
+    image = np.load(out / "image.npy")
+    u_eval, eval_ids = image_embeddings(jm, study_dataset(jm.cfg, jm.spec, out / "cache", ids, max_crops=1))
+    assert eval_ids == ids
+    for index in (0, 5):
+        item = training[index]
+        assert int(item["tile_mask"].sum()) > 1  # more than max_crops=1 above: the checkpoint's grid wins
+        with torch.no_grad():
+            u = jm.model.tile_study_outputs(default_collate([item]))["study_emb"][0]
+        row = ids.index(item["id"])
+        np.testing.assert_allclose(image[row], u.numpy(), atol=1e-5)
+        np.testing.assert_allclose(u_eval[row].numpy(), u.numpy(), atol=1e-5)

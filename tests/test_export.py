@@ -11,6 +11,7 @@ from t3d import __version__
 from t3d.checkpoint import load_checkpoint
 from t3d.cli import main
 from t3d.export import export_encoder
+from t3d.models.encoders import swap_batch_norms
 from t3d.pretrained import load_pretrained
 
 META_KEYS = {
@@ -49,13 +50,20 @@ def test_resnet_export_loads_strictly_into_monai_resnet(tmp_path):
     out = tmp_path / "enc.safetensors"
     assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
     meta = metadata(out)
-    assert meta["encoder"] == "resnet" and meta["target"] == "monai.networks.nets.ResNet"
+    # The default model.norm (group) needs MONAI's ResNet plus the swap of its stages' BatchNorm layers.
+    assert (
+        meta["encoder"] == "resnet"
+        and meta["target"] == "monai.networks.nets.ResNet+t3d.models.encoders.swap_batch_norms"
+    )
     kwargs = json.loads(meta["monai_kwargs"])
     assert kwargs["feed_forward"] is False  # the pre-trained encoder has no classification fc head
+    kwargs["norm"] = tuple(kwargs["norm"])
     resnet = ResNet(**kwargs)
+    swap_batch_norms(resnet, kwargs["norm"])
     resnet.load_state_dict(load_file(str(out)), strict=True)
     source = load_checkpoint(run)["model"]
     assert torch.equal(resnet.layer1[0].conv1.weight, source["encoder.resnet.layer1.0.conv1.weight"])
+    assert torch.equal(resnet.layer1[0].bn1.weight, source["encoder.resnet.layer1.0.bn1.weight"])
 
 
 def test_export_round_trips_as_a_finetuning_init(tmp_path):

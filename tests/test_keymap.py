@@ -5,7 +5,7 @@ from monai.networks.nets import ResNet, SwinUNETR
 from seg_helpers import resnet_encoder_state, swin_encoder_state
 from t3d.config import ModelConfig
 from t3d.finetune.networks import build_seg_network, encoder_module
-from t3d.models.encoders import RESNET_PRESETS
+from t3d.models.encoders import RESNET_PRESETS, swap_batch_norms
 from t3d.models.keymap import encoder_state, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
 from t3d.pretrained import PretrainedEncoder, monai_target
 
@@ -71,6 +71,7 @@ def test_resnet_mapping_loads_into_monai_resnet_and_into_the_seg_network():
     pre = PretrainedEncoder({}, ModelConfig(encoder="resnet", preset="tiny"), None, ((0, 1), (0, 2)), (64, 64, 64))
     _, kwargs = monai_target(pre)
     resnet = ResNet(**kwargs)
+    swap_batch_norms(resnet, kwargs["norm"])  # model.norm=group: MONAI sets the stem's norm, the stages are swapped
     assert load_into(resnet, mapped, strict=True).missing == []
     net = build_seg_network(ModelConfig(encoder="resnet", preset="tiny"), in_channels=2, num_classes=3)
     report = load_into(encoder_module(net), mapped, strict=True)

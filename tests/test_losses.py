@@ -318,11 +318,15 @@ def model_outputs(b=4, k=2, e=6, seed=30):
         "mask": random_cube_mask(target.shape, 0.5, 4, g),
         "finding_logits": torch.randn(b, 3, generator=g, dtype=DT).requires_grad_(),
         "finding_targets": (torch.rand(b, 3, generator=g) < 0.5).to(DT),
+        "tile_emb": F.normalize(torch.randn(b, 3, e, generator=g, dtype=DT), dim=-1),  # tiled methods, T = 3
+        "tile_mask": torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool),
     }
 
 
 EXPECTED_KEYS = {
     "t3d": {"view", "align", "tcl", "restore"},
+    "t3d-tiles": {"view", "align", "tcl", "restore"},
+    "t3d-sentence-tiles": {"view", "align", "tcl", "restore"},
     "t3d-no-align": {"view", "tcl", "restore"},
     "t3d-hard": {"view", "align", "tcl", "restore"},
     "t3d-sentence": {"view", "align", "tcl", "restore"},
@@ -351,7 +355,14 @@ def test_objective_terms_and_weighting(method):
     y = text_affinity_targets(out["frozen_text"], 0.9, 0.2, 0.05) if spec.soft_targets else hard_targets(4).to(DT)
     z = out["crop_emb"]
     manual = {"view": view_loss(z[:, :, 0], z[:, :, 1], y, 0.2)}
-    if spec.align == "sentence":
+    if spec.align == "sentence" and spec.tiles:  # each sentence against its best real tile
+        tiles, mask = out["tile_emb"], out["tile_mask"]
+        manual["align"] = sentence_align_loss(tiles, out["sent_emb"], out["sent_owner"], y, 12.0, crop_mask=mask)
+        padded = tiles.masked_fill(~mask[..., None], 0.0) + 10.0 * (~mask[..., None])  # padding would win the max
+        assert not torch.allclose(
+            manual["align"], sentence_align_loss(padded, out["sent_emb"], out["sent_owner"], y, 12.0)
+        )
+    elif spec.align == "sentence":
         manual["align"] = sentence_align_loss(z.flatten(1, 2), out["sent_emb"], out["sent_owner"], y, 12.0)
     else:
         manual["align"] = align_loss(out["study_emb"], out["text_emb"], y, 12.0)

@@ -9,7 +9,14 @@ from monai.networks.nets import ResNet, SwinUNETR
 
 from t3d.config import ENCODER_PRESETS, ConfigError, ModelConfig
 from t3d.models import PRESETS, LogitScale, ProjectionHead, RestorationDecoder, build_encoder
-from t3d.models.encoders import HAS_EINOPS, RESNET_PRESETS, SWIN_PRESETS
+from t3d.models.encoders import (
+    HAS_EINOPS,
+    RESNET_NORMS,
+    RESNET_PRESETS,
+    SWIN_PRESETS,
+    batch_dependent_norms,
+    swap_batch_norms,
+)
 
 SIZE = (32, 32, 32)
 needs_einops = pytest.mark.skipif(not HAS_EINOPS, reason="MONAI's SwinTransformer needs einops (pip install einops)")
@@ -104,13 +111,16 @@ def test_swinvit_weights_load_into_swinunetr_strictly(use_v2):
         torch.testing.assert_close(a, b)
 
 
-def test_resnet_weights_load_into_monai_resnet_strictly():
-    enc = tiny("resnet").eval()
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_resnet_weights_load_into_monai_resnet_strictly(norm):
+    enc = tiny("resnet", norm=norm).eval()
     block, layers, widths = RESNET_PRESETS["tiny"]
     net = ResNet(
         block, layers, widths, n_input_channels=1, conv1_t_stride=2, shortcut_type="B",
-        feed_forward=False, bias_downsample=False,
+        feed_forward=False, bias_downsample=False, norm=RESNET_NORMS[norm],
     ).eval()  # fmt: skip
+    if norm != "batch":
+        swap_batch_norms(net, RESNET_NORMS[norm])
     net.load_state_dict(enc.resnet.state_dict(), strict=True)
     assert enc.resnet_config == {"block": block, "layers": layers, "block_inplanes": widths}
     x = smooth_volume(2, 0.0, 1.0, seed=3)
@@ -118,6 +128,19 @@ def test_resnet_weights_load_into_monai_resnet_strictly():
         deepest = enc.forward_features(x)[-1]
         # MONAI's own forward ends in global average pooling of layer4: must equal our deepest map's mean.
         torch.testing.assert_close(net(x), deepest.mean(dim=(2, 3, 4)))
+
+
+@pytest.mark.parametrize("norm", ["group"])
+def test_batch_independent_resnet_has_no_batch_norm_and_embeds_each_sample_alone(norm):
+    enc = tiny("resnet", norm=norm).train()
+    assert batch_dependent_norms(enc) == []
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in enc.modules())
+    x = smooth_volume(3, 0.0, 1.0, seed=4)
+    with torch.no_grad():
+        together = enc.pool(enc.forward_features(x))
+        alone = torch.cat([enc.pool(enc.forward_features(x[i : i + 1])) for i in range(3)])
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)  # training mode, yet batch-independent
+    assert batch_dependent_norms(tiny("resnet", norm="batch").train())  # BatchNorm in training mode is listed
 
 
 # ----------------------------------------------------------------------------------------------- pooling rule

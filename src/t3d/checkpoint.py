@@ -102,6 +102,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not a t3d checkpoint (holds a {type(state).__name__}); {_WHAT_TO_PASS}")
+    model_cfg = state.get("config", {}).get("model") if isinstance(state.get("config"), dict) else None
+    if isinstance(model_cfg, dict) and "norm" not in model_cfg:
+        model_cfg["norm"] = "batch"  # a config without model.norm was trained with BatchNorm (MONAI's default)
     return state
 
 

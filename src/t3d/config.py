@@ -23,9 +23,11 @@ QUICKSTART_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstar
 
 METHODS = (
     "t3d",
+    "t3d-tiles",
     "t3d-no-align",
     "t3d-hard",
     "t3d-sentence",
+    "t3d-sentence-tiles",
     "t3d-cross-attention",
     "t3d-uncond",
     "vssl",
@@ -220,6 +222,11 @@ class ModelConfig:
     preset: str = "tiny"
     """swinvit: ``tiny`` (feature size 12, CPU/tests), ``small`` (24), ``base`` (48); resnet: ``tiny`` (ResNet-10 at
     quarter width, CPU/tests), ``10``, ``18``, ``50``."""
+    norm: str = "group"
+    """resnet only: its norm layers, ``group`` (8 groups), ``instance`` or ``batch``. ``group`` and ``instance`` do
+    not depend on the other samples of a batch, which the tiled study path needs (its chunked gradients are exact
+    only then); ``instance`` needs more than one voxel in the deepest (stride 32) map. swinvit always uses LayerNorm,
+    which does not depend on the batch either."""
     swin_v2: bool = False
     """swinvit only: SwinUNETR-v2 residual conv block before each stage (load into ``SwinUNETR(use_v2=True)``)."""
     embed_dim: int = 128
@@ -241,6 +248,7 @@ class ModelConfig:
             raise ConfigError(
                 f"model.decoder_finest_skip must be an encoder level in [0, 5], got {self.decoder_finest_skip}"
             )
+        _check_choice("model.norm", self.norm, ("group", "instance", "batch"))
 
 
 @dataclass
@@ -296,6 +304,36 @@ class LossConfig:
             raise ConfigError(f"loss.mask_block must be >= 1 voxel, got {self.mask_block}")
         if not 0 < self.mask_ratio < 1:
             raise ConfigError(f"loss.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class TileConfig:
+    """The tiled study embedding (methods whose study path is ``tiles``, e.g. ``t3d-tiles``; docs/method.md §3).
+
+    Every study is covered by a fixed, overlapping grid of full-resolution tiles of ``crops.size`` (no resizing);
+    the study embedding is an attention pooling of the tiles' encoder features, and its gradient reaches the
+    encoder through GradCache (pass 1 without a graph, pass 2 in chunks of ``chunk`` tiles).
+    """
+
+    overlap: float = 0.25
+    """Overlap of neighbouring tiles, as a fraction of the tile size (``t3d.data.grid.grid_centres``)."""
+    max_tiles: int = 27
+    """Tiles per study at most; when the body needs more, those holding the most body voxels are kept."""
+    chunk: int = 8
+    """Tiles per encoder pass with a graph (GradCache pass 2): peak memory is one chunk plus the tile features."""
+    heads: int = 4
+    """Attention heads of the pooling (must divide the encoder's pooled width)."""
+    frequencies: int = 4
+    """Sine/cosine frequencies per axis of the tile-centre position encoding (2^0 .. 2^(f-1) times pi)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"tiles.overlap must be in [0, 1) (fraction of the tile size), got {self.overlap}")
+        if self.max_tiles < 1 or self.chunk < 1 or self.heads < 1 or self.frequencies < 1:
+            raise ConfigError(
+                "tiles.max_tiles, tiles.chunk, tiles.heads and tiles.frequencies must be >= 1, got "
+                f"{self.max_tiles}, {self.chunk}, {self.heads}, {self.frequencies}"
+            )
 
 
 @dataclass
@@ -360,6 +398,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    tiles: TileConfig = field(default_factory=TileConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:

@@ -274,3 +274,25 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= world_size()
     return x
+
+
+def all_reduce_gradients(parameters) -> None:
+    """Average the ``.grad`` of ``parameters`` over ranks in place (what DDP's reducer does); no-op in one process.
+
+    For steps that run several backward passes outside DDP's forward (GradCache). Parameters without a gradient
+    take part as zeros, so every rank issues the same collectives.
+    """
+    if not is_distributed() or world_size() == 1:
+        return
+    params = [p for p in parameters if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n

@@ -4,7 +4,8 @@
 
 Writes, row i = study ``ids.json[i]``:
 
-    image.npy     float32 (N, E)  joint-space study embedding, unit norm: the model's study_embedding of the grid crops
+    image.npy     float32 (N, E)  joint-space study embedding, unit norm: the model's study_embedding of the grid crops;
+                                  tiled methods: the attention pooling of the training tiles (checkpoint `tiles.*`)
     features.npy  float32 (N, F)  encoder features (``Encoder.pool``) averaged over the crops: for probes/clustering
     text.npy      float32 (N, E)  report embeddings (checkpoints with a text head; NaN rows for studies without text)
     ids.json, index.csv (row, id, has_text), meta.json (checkpoint, method, step, widths)
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from t3d.configfile import dataclass_from_args
-from t3d.evaluate.joint import study_embeddings
+from t3d.evaluate.joint import pool_tiles, study_embeddings
 from t3d.evaluate.pipeline import open_run
 from t3d.evaluate.request import StudyRequest
 from t3d.evaluate.studies import cached_ids, report_texts
@@ -50,6 +51,8 @@ def run_embed(request: StudyRequest, manifest: str | Path, root: str | Path | No
     per_study, got = run.encode(ids, crop_fn, desc="embed")
     features = torch.stack([f.mean(dim=0) for f in per_study])  # (N, F)
     image = study_embeddings(jm, per_study)  # (N, E): the study embedding pre-training aligned with the reports
+    if jm.spec.tiles:  # the study embedding training optimised: attention pooling of the tiles
+        image = pool_tiles(jm, run.dataset(got), per_study)
     np.save(out / "image.npy", image.numpy().astype(np.float32))
     np.save(out / "features.npy", features.numpy().astype(np.float32))
     files = ["image.npy", "features.npy"]
@@ -79,7 +82,7 @@ def run_embed(request: StudyRequest, manifest: str | Path, root: str | Path | No
         "text": bool(jm.has_joint_space),
         "input": "whole volume"
         if jm.spec.whole_volume
-        else f"grid crops {list(jm.cfg.crops.size)}, <= {request.max_crops}",
+        else f"grid crops {list(jm.cfg.crops.size)}, <= {run.dataset(got).max_crops}",
         "files": files + ["ids.json", "index.csv"],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

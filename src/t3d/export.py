@@ -8,6 +8,8 @@ The file loads into MONAI with strict key matching, the preprocessing spec rides
     net = SwinUNETR(out_channels=14, **json.loads(meta["monai_kwargs"]))
     net.swinViT.load_state_dict(load_file("encoder.safetensors"), strict=True)
     # resnet: ResNet(**json.loads(meta["monai_kwargs"])).load_state_dict(..., strict=True)   (feed_forward=False)
+    # resnet with model.norm group/instance (target ``...ResNet+t3d.models.encoders.swap_batch_norms``): build
+    # ResNet(**kwargs) with kwargs["norm"] as a tuple, then swap_batch_norms(net, kwargs["norm"]) before loading.
 
 Metadata keys: format, method, encoder, preset, feature_size, in_channels, target, monai_kwargs, spacing_mm,
 orientation, hu_windows, crop_size, text_model, t3d_version, step, model_config, preprocess_config.
@@ -24,6 +26,7 @@ from monai.networks.nets import ResNet, SwinUNETR
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from t3d.models.encoders import swap_batch_norms
 from t3d.models.keymap import encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
 from t3d.pretrained import PretrainedEncoder, export_metadata, load_pretrained, monai_target
 
@@ -41,7 +44,10 @@ def monai_module(pre: PretrainedEncoder) -> nn.Module:
     _, kwargs = monai_target(pre)
     if pre.model.encoder == "swinvit":
         return SwinUNETR(out_channels=2, **kwargs).swinViT
-    return ResNet(**kwargs)
+    net = ResNet(**kwargs)
+    if "norm" in kwargs:  # MONAI applies ``norm`` to the stem only; the stages get the same kind here
+        swap_batch_norms(net, kwargs["norm"])
+    return net
 
 
 def exported_tensors(pre: PretrainedEncoder) -> dict[str, Tensor]:

@@ -23,7 +23,15 @@ from torch import Tensor
 from t3d import __version__
 from t3d.checkpoint import load_checkpoint
 from t3d.config import ModelConfig, PreprocessConfig, from_dict, to_dict
-from t3d.models.encoders import RESNET_PRESETS, SWIN_DEPTHS, SWIN_HEADS, SWIN_PATCH, SWIN_PRESETS, SWIN_WINDOW
+from t3d.models.encoders import (
+    RESNET_NORMS,
+    RESNET_PRESETS,
+    SWIN_DEPTHS,
+    SWIN_HEADS,
+    SWIN_PATCH,
+    SWIN_PRESETS,
+    SWIN_WINDOW,
+)
 from t3d.models.keymap import encoder_state
 
 EXPORT_FORMAT = "t3d-encoder/1"
@@ -109,7 +117,11 @@ def monai_target(pre: PretrainedEncoder) -> tuple[str, dict]:
         "feed_forward": False,
         "bias_downsample": False,
     }
-    return "monai.networks.nets.ResNet", kwargs
+    if m.norm == "batch":
+        return "monai.networks.nets.ResNet", kwargs
+    # MONAI's ResNet(norm=...) sets the stem's norm only: build it so, then swap the stages' BatchNorm layers.
+    kwargs["norm"] = RESNET_NORMS[m.norm]
+    return "monai.networks.nets.ResNet+t3d.models.encoders.swap_batch_norms", kwargs
 
 
 def export_metadata(pre: PretrainedEncoder) -> dict[str, str]:
@@ -149,7 +161,7 @@ def read_export(path: str | Path) -> PretrainedEncoder:
         raise ValueError(f"{path} is not a safetensors file written by `t3d export` ({err})") from None
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} was not written by `t3d export` (metadata format={meta.get('format')!r})")
-    model = from_dict(ModelConfig, json.loads(meta["model_config"]))
+    model = from_dict(ModelConfig, {"norm": "batch", **json.loads(meta["model_config"])})  # no norm key: BatchNorm
     prefix = "swinViT." if model.encoder == "swinvit" else "resnet."
     return PretrainedEncoder(
         state={prefix + k: v for k, v in load_file(str(path)).items()},

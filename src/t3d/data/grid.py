@@ -8,7 +8,10 @@ voxels cached by preprocessing) with a fixed ``overlap`` between neighbours; whe
 training crops, never resized.
 
     ds = GridCropDataset("cache", size=(96, 96, 96), windows=((-1000, 1000),), overlap=0.25, max_crops=27)
-    item = ds[0]    # {"crops": float32 (K, C, D, H, W), "centers": int64 (K, 3), "index": int, "id": str}
+    item = ds[0]    # {"crops": float32 (K, C, D, H, W), "centers": int64 (K, 3), "positions": float32 (K, 3), ...}
+
+The same grid is the tiled study path of pre-training (``t3d.data.tiles``): ``body_positions`` places each crop's
+centre in normalised body coordinates, the input of the tile position encoding.
 """
 
 from __future__ import annotations
@@ -65,6 +68,26 @@ def grid_centres(
     return centres[keep]
 
 
+def body_positions(centres: np.ndarray, foreground: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Crop centres (K, 3) in normalised body coordinates: -1 / +1 at the low / high edge of the body's bounding box
+    along each axis (the whole volume when ``foreground`` is empty), clipped to [-1, 1]; 0 on an axis where the box
+    is one voxel thick. float32 (K, 3)."""
+    fg = np.asarray(foreground, dtype=np.int64).reshape(-1, 3)
+    lo, hi = (fg.min(axis=0), fg.max(axis=0)) if len(fg) else (np.zeros(3, np.int64), np.asarray(shape) - 1)
+    extent = (hi - lo).astype(np.float64)
+    pos = np.where(extent > 0, 2.0 * (centres - lo) / np.maximum(extent, 1.0) - 1.0, 0.0)
+    return np.clip(pos, -1.0, 1.0).astype(np.float32)
+
+
+def read_grid(volume: np.ndarray, centres: np.ndarray, size: Sequence[int], params: np.ndarray) -> np.ndarray:
+    """The windowed crops (K, C, *size) float32 in [0, 1] of ``volume`` centred at ``centres`` (no augmentation)."""
+    crops = np.empty((len(centres), len(params), *size), dtype=np.float32)
+    for k, start in enumerate(centres - np.asarray(size) // 2):
+        hu = read_crop(volume, start, crops[k, 0])
+        apply_windows(hu, params, crops[k])
+    return crops
+
+
 class GridCropDataset(Dataset):
     """All grid crops of each cached study, windowed, no augmentation (deterministic).
 
@@ -75,7 +98,8 @@ class GridCropDataset(Dataset):
         ids: study ids to use, in this order (default: every cached study).
         overlap, max_crops: see ``grid_centres``.
 
-    Item: ``{"crops": float32 (K, C, D, H, W) in [0, 1], "centers": int64 (K, 3), "index": int, "id": str}``;
+    Item: ``{"crops": float32 (K, C, D, H, W) in [0, 1], "centers": int64 (K, 3), "positions": float32 (K, 3) in
+    [-1, 1] (``body_positions``), "index": int, "id": str}``;
     K varies between studies, so load with ``batch_size=1`` (or ``collate_fn=lambda b: b``).
     """
 
@@ -100,17 +124,20 @@ class GridCropDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """No random draws; present so loops treat every dataset alike."""
 
+    def positions(self, index: int) -> np.ndarray:
+        """Item ``index``'s crop centres in normalised body coordinates (K, 3), without reading the crops."""
+        key = self.studies[index][1]["key"]
+        shape, fg = self.cache.image(key).shape, self.cache.foreground(key)
+        return body_positions(grid_centres(shape, fg, self.size, self.overlap, self.max_crops), fg, shape)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row_number, row = self.studies[index]
-        volume = self.cache.image(row["key"])
-        centres = grid_centres(volume.shape, self.cache.foreground(row["key"]), self.size, self.overlap, self.max_crops)
-        crops = np.empty((len(centres), len(self.params), *self.size), dtype=np.float32)  # (K, C, D, H, W)
-        for k, start in enumerate(centres - np.asarray(self.size) // 2):
-            hu = read_crop(volume, start, crops[k, 0])
-            apply_windows(hu, self.params, crops[k])
+        volume, fg = self.cache.image(row["key"]), self.cache.foreground(row["key"])
+        centres = grid_centres(volume.shape, fg, self.size, self.overlap, self.max_crops)
         return {
-            "crops": torch.from_numpy(crops),
+            "crops": torch.from_numpy(read_grid(volume, centres, self.size, self.params)),
             "centers": torch.from_numpy(centres),
+            "positions": torch.from_numpy(body_positions(centres, fg, volume.shape)),
             "index": row_number,
             "id": row["id"],
         }

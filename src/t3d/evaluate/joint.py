@@ -7,7 +7,9 @@
 
 A study embedding is built by the function pre-training aligned with the reports (``PretrainModel.study_embedding``
 of the study's pooled crop features), here over the deterministic grid of ``t3d.data.grid`` instead of random
-sites. Text goes
+sites. Tiled methods (``spec.tiles``) were trained on that very grid: evaluation uses the checkpoint's
+``tiles.overlap`` and ``tiles.max_tiles`` (whatever the caller asks for) and the checkpoint's attention pooling, so
+``u`` is the function training optimised. Text goes
 through the same frozen encoder the checkpoint was trained with, is centred by the checkpoint's ``text_mean`` (the
 pre-training corpus mean, not the mean of the new texts: a handful of prompts has a very different mean) and is
 projected by the text head.
@@ -114,9 +116,12 @@ def study_dataset(
     max_crops: int = 27,
 ) -> Dataset:
     """How the checkpoint's encoder sees a whole study: grid crops at its crop size and windows, or for a
-    whole-volume method (``clip``) the whole volume resized to its ``clip.grid``."""
+    whole-volume method (``clip``) the whole volume resized to its ``clip.grid``. Tiled methods: the training
+    tiles (``tiles.overlap``, ``tiles.max_tiles``); ``overlap`` and ``max_crops`` are then ignored."""
     if spec.whole_volume:
         return WholeVolumeDataset(cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids)
+    if spec.tiles:
+        overlap, max_crops = cfg.tiles.overlap, cfg.tiles.max_tiles
     return GridCropDataset(cache, cfg.crops.size, cfg.crops.windows, ids=ids, overlap=overlap, max_crops=max_crops)
 
 
@@ -155,8 +160,12 @@ def image_embeddings(
     jm: JointModel, dataset: Dataset, crop_batch: int = 8, workers: int = 0
 ) -> tuple[torch.Tensor, list[str]]:
     """Study embeddings (N, E), unit norm: the checkpoint's own ``study_embedding`` (the function pre-training
-    aligned with the reports) of each study's pooled crop features."""
+    aligned with the reports) of each study's pooled crop features, or for tiled methods the attention pooling of the
+    study's tile features (``pool_tiles``)."""
     model = jm.model
+    if jm.spec.tiles:
+        per_study, ids = encode_studies(dataset, model.tile_features, jm.device, crop_batch, workers, desc="tiles")
+        return pool_tiles(jm, dataset, per_study), ids
 
     def crop_fn(x: torch.Tensor) -> torch.Tensor:
         return model.encoder.pool(model.encoder.forward_features(x))  # (K, C)
@@ -169,6 +178,17 @@ def image_embeddings(
 def study_embeddings(jm: JointModel, pooled: list[torch.Tensor]) -> torch.Tensor:
     """(N, E) float32 on CPU: ``PretrainModel.study_embedding`` of each study's pooled crop features (K_s, C)."""
     return torch.cat([jm.model.study_embedding(p[None].to(jm.device)).float().cpu() for p in pooled])
+
+
+@torch.no_grad()
+def pool_tiles(jm: JointModel, dataset: GridCropDataset, per_study: list[torch.Tensor]) -> torch.Tensor:
+    """Study embeddings (N, E) of a tiled checkpoint from each study's tile features (K_s, F), in dataset order:
+    the checkpoint's ``TilePooling`` with the tiles' body positions, as in pre-training."""
+    out = []
+    for index, feats in enumerate(per_study):
+        pos = torch.from_numpy(dataset.positions(index))[None].to(jm.device)
+        out.append(jm.model.tile_pool(feats[None].to(jm.device), pos).float().cpu())
+    return torch.cat(out)
 
 
 def text_config(jm: JointModel, model: str | None = None) -> TextConfig:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from t3d.distributed import gather_with_grad, rank, world_size
+from t3d.distributed import all_gather_no_grad, gather_with_grad, rank, world_size
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -89,16 +89,24 @@ def align_loss(u: torch.Tensor, t: torch.Tensor, y: torch.Tensor, logit_scale: t
 
 
 def sentence_similarity(
-    crop_z: torch.Tensor, sent: torch.Tensor, sent_owner: torch.Tensor, n_reports: int | None = None
+    crop_z: torch.Tensor,
+    sent: torch.Tensor,
+    sent_owner: torch.Tensor,
+    n_reports: int | None = None,
+    crop_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Report-to-study scores: mean over a report's sentences of the best-matching crop (max over crops).
 
     crop_z: (B', M, E) normalised crop embeddings of B' studies; sent: (S, E) normalised sentence embeddings of
     B reports; sent_owner: (S,) long, report index in [0, B) of each sentence; n_reports: B (default: max owner
-    + 1). Returns (B, B') with entry [j, i] = mean_{sentences of report j} max_m <crop_z[i, m], sentence>.
+    + 1); crop_mask: (B', M) bool, False = padding that never wins the max (tiles of a smaller study).
+    Returns (B, B') with entry [j, i] = mean_{sentences of report j} max_m <crop_z[i, m], sentence>.
     """
     b_reports = n_reports if n_reports is not None else int(sent_owner.max()) + 1
-    per_sentence = torch.einsum("se,ime->sim", sent, crop_z).amax(dim=2)  # (S, B')
+    scores = torch.einsum("se,ime->sim", sent, crop_z)  # (S, B', M)
+    if crop_mask is not None:
+        scores = scores.masked_fill(~crop_mask.bool()[None], float("-inf"))
+    per_sentence = scores.amax(dim=2)  # (S, B')
     sums = per_sentence.new_zeros(b_reports, crop_z.shape[0]).index_add(0, sent_owner, per_sentence)
     counts = torch.bincount(sent_owner, minlength=b_reports).to(per_sentence.dtype)
     return sums / counts.clamp_min(1)[:, None]
@@ -110,12 +118,14 @@ def sentence_align_loss(
     sent_owner: torch.Tensor,
     y: torch.Tensor,
     logit_scale: torch.Tensor | float,
+    crop_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_align with ``align: sentence``: fine-grained study–report scores, soft CE in both directions.
 
     crop_z: (B, M, E) normalised crop embeddings of this rank's studies (M = K sites × 2 views); sent: (S, E)
     normalised projected sentence embeddings of this rank's reports; sent_owner: (S,) long, *local* study index in
-    [0, B) of each sentence (every study needs at least one sentence). logit_scale: 1/τ multiplier.
+    [0, B) of each sentence (every study needs at least one sentence). logit_scale: 1/τ multiplier. crop_mask:
+    (B, M) bool, False = padding (the tiles of the tiled study path), see ``sentence_similarity``.
 
     Distributed without padding sentences (their number differs per rank): each rank scores its own reports
     against the gathered crops of every study (its text->image rows), and these rows are gathered with gradients
@@ -136,7 +146,8 @@ def sentence_align_loss(
         )
     crop_z, sent = _upcast(crop_z), _upcast(sent)
     y_local = local_target_rows(y, b)
-    text_rows = sentence_similarity(gather_with_grad(crop_z), sent, sent_owner, b)  # (B reports, world*B studies)
+    all_mask = None if crop_mask is None else all_gather_no_grad(crop_mask.to(torch.uint8)).bool()
+    text_rows = sentence_similarity(gather_with_grad(crop_z), sent, sent_owner, b, all_mask)  # (B, world*B)
     scores = gather_with_grad(text_rows)  # (world*B reports, world*B studies)
     start = rank() * b
     image_rows = scores[:, start : start + b].T  # (B studies, world*B reports)

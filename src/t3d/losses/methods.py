@@ -35,6 +35,9 @@ class MethodSpec:
     """Input is the whole volume resized to ``clip.grid`` instead of crops (the ``clip`` baseline)."""
     findings: bool = False
     """Multi-label BCE on the study's ground-truth findings (``data.findings``): the ``supervised`` control."""
+    tiles: bool = False
+    """The study embedding of L_align pools a fixed grid of full-resolution tiles covering the body (``tiles``
+    config; GradCache step) instead of averaging the random crop sites; L_view and TIR stay on the crop views."""
 
     @property
     def contrastive(self) -> bool:
@@ -53,18 +56,20 @@ class MethodSpec:
 
 # fmt: off
 _TABLE = (
-    # name                  view   soft   align       restore conditioning       whole_volume findings
-    ("t3d",                 True,  True,  "global",   True,   None,              False, False),
-    ("t3d-no-align",        True,  True,  "none",     True,   None,              False, False),
-    ("t3d-hard",            True,  False, "global",   True,   None,              False, False),
-    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False, False),
-    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False, False),
-    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False, False),
-    ("vssl",                True,  False, "none",     True,   "none",            False, False),
-    ("vssl-contrastive",    True,  False, "none",     False,  "none",            False, False),
-    ("vssl-restore",        False, False, "none",     True,   "none",            False, False),
-    ("clip",                False, False, "global",   False,  "none",            True,  False),
-    ("supervised",          False, False, "none",     False,  "none",            False, True),
+    # name                  view   soft   align       restore conditioning       whole_volume findings tiles
+    ("t3d",                 True,  True,  "global",   True,   None,              False,       False,   False),
+    ("t3d-tiles",           True,  True,  "global",   True,   None,              False,       False,   True),
+    ("t3d-no-align",        True,  True,  "none",     True,   None,              False,       False,   False),
+    ("t3d-hard",            True,  False, "global",   True,   None,              False,       False,   False),
+    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False,       False,   False),
+    ("t3d-sentence-tiles",  True,  True,  "sentence", True,   None,              False,       False,   True),
+    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False,       False,   False),
+    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False,       False,   False),
+    ("vssl",                True,  False, "none",     True,   "none",            False,       False,   False),
+    ("vssl-contrastive",    True,  False, "none",     False,  "none",            False,       False,   False),
+    ("vssl-restore",        False, False, "none",     True,   "none",            False,       False,   False),
+    ("clip",                False, False, "global",   False,  "none",            True,        False,   False),
+    ("supervised",          False, False, "none",     False,  "none",            False,       True,    False),
 )
 # fmt: on
 _SPECS = {row[0]: MethodSpec(*row) for row in _TABLE}

@@ -11,7 +11,8 @@ The model returns a dict of tensors (this rank's B studies, K sites, 2 views eac
   (B, E) normalised projected report embeddings — for ``align: global``;
 - ``frozen_text`` (B, Et) normalised, corpus-centred frozen report embeddings s — for soft targets;
 - ``sent_emb`` (S, E) normalised projected sentence embeddings, ``sent_owner`` (S,) local study index — for
-  ``align: sentence``;
+  ``align: sentence``; tiled methods: ``tile_emb`` (B, T, E) tiles in the joint space, ``tile_mask`` (B, T) bool
+  (False = padding), and ``study_emb`` is the attention pooling of the tiles;
 - ``logit_scale`` optional scalar tensor, the learnable 1/τ of L_align (``log_scale.exp()``); it belongs in the
   model so DDP averages its gradient like any other parameter. Absent: fixed 1 / ``loss.tau_align``;
 - ``restored`` / ``target`` (N, C, D, H, W), ``mask`` (N, 1, D, H, W) bool, True = hidden — for TIR;
@@ -75,9 +76,12 @@ class PretrainObjective(nn.Module):
             u = _need(out, "study_emb", self.spec, "global alignment of the study embedding with its report")
             t = _need(out, "text_emb", self.spec, "global alignment of the study embedding with its report")
             return align_loss(u, t, y, scale)
-        z = _need(out, "crop_emb", self.spec, "sentence alignment matches sentences to crops")
         sent = _need(out, "sent_emb", self.spec, "sentence alignment needs projected sentence embeddings")
         owner = _need(out, "sent_owner", self.spec, "sentence alignment needs each sentence's study index")
+        if self.spec.tiles:  # each sentence against its best tile
+            z = _need(out, "tile_emb", self.spec, "tiled sentence alignment matches sentences to tiles")
+            return sentence_align_loss(z, sent, owner, y, scale, crop_mask=out["tile_mask"])
+        z = _need(out, "crop_emb", self.spec, "sentence alignment matches sentences to crops")
         return sentence_align_loss(z.flatten(1, 2), sent, owner, y, scale)
 
     def term_names(self) -> list[str]:

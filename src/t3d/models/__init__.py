@@ -2,6 +2,7 @@
 
 from t3d.models.encoders import PRESETS, Encoder, ResNetEncoder, SwinEncoder, build_encoder, check_crop_size
 from t3d.models.heads import LogitScale, ProjectionHead, StudyHead
+from t3d.models.pooling import TilePooling
 from t3d.models.restoration import RestorationDecoder
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "RestorationDecoder",
     "StudyHead",
     "SwinEncoder",
+    "TilePooling",
     "build_encoder",
     "check_crop_size",
 ]

@@ -23,6 +23,7 @@ LayerNorm over the channels of the pooled vector, which fixes its scale but keep
 from __future__ import annotations
 
 import torch
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import ResNet
 from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.utils import optional_import
@@ -41,6 +42,13 @@ SWIN_WINDOW = 7
 SWIN_PATCH = 2
 
 # resnet preset -> (block, blocks per stage, stage widths). ``tiny`` is ResNet-10 at a quarter of the width.
+RESNET_NORMS: dict[str, str | tuple] = {
+    "batch": "batch",
+    "group": ("group", {"num_groups": 8}),  # 8 groups divide every preset's widths (16 ... 2048)
+    "instance": ("instance", {"affine": True}),
+}
+"""``model.norm`` -> MONAI ``get_norm_layer`` spec for the ResNet's norm layers."""
+
 RESNET_PRESETS: dict[str, tuple[str, list[int], list[int]]] = {
     "tiny": ("basic", [1, 1, 1, 1], [16, 32, 64, 128]),
     "10": ("basic", [1, 1, 1, 1], [64, 128, 256, 512]),
@@ -182,9 +190,13 @@ class ResNetEncoder(Encoder):
         block: ``basic`` or ``bottleneck``.
         layers: residual blocks per stage.
         widths: stage widths (``block_inplanes``); bottleneck stages output 4x these.
+        norm: ``batch``, ``group`` (8 groups) or ``instance`` (affine): every norm layer of the network. MONAI's
+            ``ResNet(norm=...)`` applies its ``norm`` to the stem only, so the residual stages' BatchNorm layers are
+            swapped for the same kind after construction (``swap_batch_norms``); weights 1, biases 0 as MONAI
+            initialises them.
     """
 
-    def __init__(self, in_channels: int, block: str, layers: list[int], widths: list[int]) -> None:
+    def __init__(self, in_channels: int, block: str, layers: list[int], widths: list[int], norm: str = "batch") -> None:
         super().__init__("resnet", in_channels)
         self.resnet = ResNet(
             block=block,
@@ -197,7 +209,11 @@ class ResNetEncoder(Encoder):
             shortcut_type="B",
             feed_forward=False,
             bias_downsample=False,
+            norm=RESNET_NORMS[norm],
         )
+        if norm != "batch":
+            swap_batch_norms(self.resnet, RESNET_NORMS[norm])
+        self.norm = norm
         expansion = 4 if block == "bottleneck" else 1
         self.resnet_config = {"block": block, "layers": list(layers), "block_inplanes": list(widths)}
         self.feature_channels = [in_channels, widths[0]] + [w * expansion for w in widths]
@@ -227,11 +243,30 @@ class ResNetEncoder(Encoder):
         self.grad_checkpointing = enable
 
 
+def swap_batch_norms(module: nn.Module, norm: str | tuple) -> None:
+    """Replace every BatchNorm layer below ``module`` (in place) by MONAI's ``norm`` layer of the same width."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, get_norm_layer(name=norm, spatial_dims=3, channels=child.num_features))
+        else:
+            swap_batch_norms(child, norm)
+
+
+def batch_dependent_norms(module: nn.Module) -> list[str]:
+    """Names of the norm layers below ``module`` whose output depends on the other samples of the batch: BatchNorm
+    layers in training mode (in eval mode they apply fixed running statistics)."""
+    return [
+        name
+        for name, child in module.named_modules()
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.training
+    ]
+
+
 def build_encoder(cfg: ModelConfig, in_channels: int, img_size: tuple[int, int, int]) -> Encoder:
     """The encoder that ``cfg.encoder`` / ``cfg.preset`` name, checked against the crop size up front.
 
     Args:
-        cfg: model config (``encoder``, ``preset``, ``grad_checkpointing``, ``swin_v2``).
+        cfg: model config (``encoder``, ``preset``, ``norm``, ``grad_checkpointing``, ``swin_v2``).
         in_channels: C, input channels (``crops.channels``: one per HU window).
         img_size: crop size in voxels (``crops.size``); every side must be a multiple of 32.
     """
@@ -245,6 +280,6 @@ def build_encoder(cfg: ModelConfig, in_channels: int, img_size: tuple[int, int, 
         encoder: Encoder = SwinEncoder(in_channels, SWIN_PRESETS[cfg.preset], use_v2=cfg.swin_v2)
     else:
         block, layers, widths = RESNET_PRESETS[cfg.preset]
-        encoder = ResNetEncoder(in_channels, block, layers, widths)
+        encoder = ResNetEncoder(in_channels, block, layers, widths, norm=cfg.norm)
     encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     return encoder

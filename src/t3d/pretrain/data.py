@@ -1,4 +1,5 @@
-"""What a pre-training step reads: crops (or whole volumes for ``clip``) and the cached frozen report features."""
+"""What a pre-training step reads: crops (plus the study's tiles for tiled methods, or whole volumes for ``clip``)
+and the cached frozen report features."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from t3d.config import PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.data.crops import CropDataset, WholeVolumeDataset
 from t3d.data.targets import read_findings
+from t3d.data.tiles import TiledCropDataset
 from t3d.losses import MethodSpec, near_duplicate_share, target_entropy, text_affinity_targets
 from t3d.text import clean_report, load_text_features, split_sections
 
@@ -39,6 +41,8 @@ def build_dataset(cfg: PretrainConfig, spec: MethodSpec):
         return WholeVolumeDataset(
             cfg.data.cache, grid=cfg.clip.grid, windows=cfg.crops.windows, ids=ids, augment=cfg.crops, seed=cfg.seed
         )
+    if spec.tiles:
+        return TiledCropDataset(cfg.data.cache, cfg.crops, cfg.tiles, ids=ids, seed=cfg.seed)
     return CropDataset(cfg.data.cache, cfg.crops, ids=ids, seed=cfg.seed)
 
 

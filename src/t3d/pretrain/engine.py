@@ -1,7 +1,9 @@
 """The pre-training loop: one screen of ``train_step`` plus the bookkeeping around it.
 
 ``train_step`` does forward, loss, backward, clip, step for one optimiser step (with gradient accumulation); the
-loop around it logs, checkpoints and shows progress. Wiring (data, text features, model) is in ``main.py``.
+loop around it logs, checkpoints and shows progress. Tiled methods run each micro-batch through GradCache
+(``t3d.pretrain.gradcache``) and average gradients over ranks themselves. Wiring (data, text features, model) is
+in ``main.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from t3d import distributed as dist
 from t3d.config import TrainConfig
+from t3d.pretrain.gradcache import gradcache_step
 
 log = logging.getLogger(__name__)
 
@@ -74,21 +77,39 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def train_step(ctx: StepContext, micro_batches: list[dict], generator: torch.Generator) -> dict[str, float]:
     """One optimiser step over ``len(micro_batches)`` accumulated micro-batches. Returns the logged terms."""
     ctx.model.train()
+    core = getattr(ctx.model, "module", ctx.model)
+    tiled = getattr(getattr(core, "spec", None), "tiles", False)
     totals: dict[str, torch.Tensor] = {}
     finite = True
-    for i, batch in enumerate(micro_batches):
-        batch = to_device(batch, ctx.device)
-        sync = i == len(micro_batches) - 1
-        no_sync = getattr(ctx.model, "no_sync", None)
-        with nullcontext() if sync or no_sync is None else no_sync(), _autocast(ctx):
-            out = ctx.model(batch, ctx.text_for(batch), generator=generator)
-            losses = ctx.objective(out)
-        loss = losses["loss"] / len(micro_batches)
+
+    def backward(loss: torch.Tensor) -> None:
+        nonlocal finite
+        loss = loss / len(micro_batches)
         if not torch.isfinite(loss):
             finite = False  # keep going so that every DDP rank runs the same collectives
         ctx.scaler.scale(torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0)).backward()
+
+    no_sync = getattr(ctx.model, "no_sync", None)
+    for i, batch in enumerate(micro_batches):
+        batch = to_device(batch, ctx.device)
+        # Tiled steps back-propagate several times per micro-batch outside DDP's reducer: gradients are averaged
+        # over ranks once below instead.
+        sync = i == len(micro_batches) - 1 and not tiled
+        with nullcontext() if sync or no_sync is None else no_sync():
+            if tiled:
+                chunk = core.cfg.tiles.chunk
+                text = ctx.text_for(batch)
+                losses = gradcache_step(
+                    core, ctx.objective, batch, text, generator, backward, chunk, lambda: _autocast(ctx)
+                )
+            else:
+                with _autocast(ctx):
+                    losses = ctx.objective(ctx.model(batch, ctx.text_for(batch), generator=generator))
+                backward(losses["loss"])
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + value.detach().float() / len(micro_batches)
+    if tiled:
+        dist.all_reduce_gradients(core.parameters())
     # A non-finite loss on any rank skips the step on every rank (same decision everywhere).
     finite = bool(dist.all_reduce_mean(torch.tensor(float(finite), device=ctx.device)).item() == 1.0)
     ctx.scaler.unscale_(ctx.optimizer)

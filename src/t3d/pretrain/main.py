@@ -274,7 +274,10 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def _crops_per_study(cfg: PretrainConfig, spec) -> int:
-    return 1 if spec.whole_volume else cfg.crops.sites * 2
+    """Encoder inputs per study and step (tiles counted at most, as padded; each tile is encoded twice)."""
+    if spec.whole_volume:
+        return 1
+    return cfg.crops.sites * 2 + (2 * cfg.tiles.max_tiles if spec.tiles else 0)
 
 
 def _global_batch(cfg: PretrainConfig) -> int:

@@ -13,6 +13,12 @@ pooled features. ``study_embedding`` is that function; evaluation calls the same
 Clean and masked crops go through the encoder in separate calls: batch-dependent norm layers (the ResNet's
 BatchNorm) then never mix the statistics of clean and half-hidden crops, which would make a clean crop's embedding
 depend on what was hidden in other crops of the batch.
+
+Tiled methods (``spec.tiles``) keep L_view and TIR on the crop views but take the study embedding of L_align from
+the study's fixed grid of full-resolution tiles: ``tile_features`` encodes tiles, ``TilePooling`` pools them. The
+tile features come either from a forward with a graph (``forward`` without ``tile_feats``: evaluation and the
+reference path of the tests) or, in training, from GradCache (``t3d.pretrain.gradcache``), which hands ``forward``
+graph-free features as a leaf and back-propagates their gradient through the encoder chunk by chunk.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch import nn
 
 from t3d.config import PretrainConfig
 from t3d.losses import MethodSpec, corrupt, random_cube_mask
-from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, StudyHead, build_encoder
+from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, StudyHead, TilePooling, build_encoder
 
 
 class PretrainModel(nn.Module):
@@ -43,7 +49,9 @@ class PretrainModel(nn.Module):
         width = cfg.model.embed_dim
         # The whole-volume baseline has no crop-level term: its only image head is the study head.
         self.image_head = None if spec.whole_volume else ProjectionHead(self.encoder.embed_channels, width)
-        self.align_head = StudyHead(self.encoder.embed_channels, width) if spec.align == "global" else None
+        # Crop methods align the StudyHead over pooled crops; tiled methods their TilePooling (below).
+        global_crops = spec.align == "global" and not spec.tiles
+        self.align_head = StudyHead(self.encoder.embed_channels, width) if global_crops else None
         self.text_head = ProjectionHead(text_dim, width) if spec.align != "none" else None
         self.logit_scale = LogitScale(cfg.loss.tau_align) if spec.align != "none" else None
         self.conditioning = spec.conditioning or cfg.model.conditioning
@@ -63,9 +71,47 @@ class PretrainModel(nn.Module):
         if spec.findings and num_findings < 1:
             raise ValueError(f"method {spec.name!r} predicts findings: num_findings must be >= 1, got {num_findings}")
         self.finding_head = nn.Linear(self.encoder.embed_channels, num_findings) if spec.findings else None
+        self.tile_pool = None
+        if spec.tiles:
+            if cfg.model.encoder == "resnet" and cfg.model.norm == "batch":
+                raise ValueError(
+                    f"method {spec.name!r} embeds each study from its tiles in chunks (GradCache), which is exact only "
+                    "with norm layers that do not depend on the batch; model.norm=batch is not: set model.norm=group "
+                    "(or instance) in the config or on the command line (--model.norm group)"
+                )
+            self.tile_pool = TilePooling(self.encoder.embed_channels, width, cfg.tiles.heads, cfg.tiles.frequencies)
 
-    def forward(self, batch: dict[str, torch.Tensor], text: dict[str, torch.Tensor], generator=None) -> dict:
-        """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``.
+    def tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder features (N, F) of N tiles (N, C, D, H, W): the unit that GradCache caches."""
+        return self.encoder.pool(self.encoder.forward_features(tiles))
+
+    def tile_study_outputs(self, batch: dict, tile_feats: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Study-level outputs of the tiled path from ``batch["tiles"]`` (B, T, C, D, H, W), ``tile_pos`` (B, T, 3),
+        ``tile_mask`` (B, T): ``study_emb`` (B, E) and, for ``align: sentence``, ``tile_emb`` (B, T, E) with
+        ``tile_mask``. ``tile_feats``: features (N, F) of the N real tiles in batch order (GradCache's leaf);
+        None encodes them here with a graph."""
+        mask = batch["tile_mask"].bool()
+        b, t = mask.shape
+        real = mask.flatten().nonzero().squeeze(1)
+        if tile_feats is None:
+            tile_feats = self.tile_features(batch["tiles"].flatten(0, 1).index_select(0, real))
+        feats = tile_feats.new_zeros(b * t, tile_feats.shape[-1]).index_copy(0, real, tile_feats).view(b, t, -1)
+        pos = batch["tile_pos"].to(feats.dtype)
+        out = {"study_emb": self.tile_pool(feats, pos, mask)}
+        if self.spec.align == "sentence":
+            out["tile_emb"], out["tile_mask"] = self.tile_pool.tile_embeddings(feats, pos), mask
+        return out
+
+    def forward(
+        self,
+        batch: dict[str, torch.Tensor],
+        text: dict[str, torch.Tensor],
+        generator=None,
+        tile_feats: torch.Tensor | None = None,
+    ) -> dict:
+        """``batch["views"]``: (B, K, 2, C, D, H, W) crops, or ``batch["volume"]``: (B, C, D, H, W) for ``clip``;
+        tiled methods also read ``tiles`` / ``tile_pos`` / ``tile_mask`` (see ``tile_study_outputs``, which also
+        explains ``tile_feats``).
 
         ``text``: per-study frozen features for this batch: ``frozen`` (B, Et) centred + normalised, and when needed
         ``tokens`` (B, L, Et) / ``token_mask`` (B, L), ``sent`` (S, Et) / ``sent_owner`` (S,) local study indices.
@@ -88,8 +134,11 @@ class PretrainModel(nn.Module):
             feats = self._encode_apart(x, restore_idx, corrupt(x[restore_idx], mask))
         pooled = self.encoder.pool(feats).view(b, k, v, -1)  # (B, K, 2, C)
         out["crop_emb"] = self.image_head(pooled)  # (B, K, 2, E), L2-normalised
-        clean = pooled[:, :, 0] if restore_idx is not None and self.spec.contrastive else pooled.flatten(1, 2)
-        out["study_emb"] = self.study_embedding(clean)  # (B, E)
+        if self.tile_pool is not None:
+            out.update(self.tile_study_outputs(batch, tile_feats))
+        else:
+            clean = pooled[:, :, 0] if restore_idx is not None and self.spec.contrastive else pooled.flatten(1, 2)
+            out["study_emb"] = self.study_embedding(clean)  # (B, E)
         if restore_idx is not None:
             per_study = len(restore_idx) // b
             cond, tokens, token_mask = self._conditioning_inputs(text, repeat=per_study)
