@@ -18,9 +18,12 @@ TEXT_DIM = 8
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def model_and_batch(method="t3d", b=3, k=2, seed=0):
+def model_and_batch(method="t3d", b=3, k=2, seed=0, norm=None):
+    """A tiny model and batch; ``norm`` sets ``model.norm`` of the ResNet (None: the config default, group)."""
     cfg = tiny_pretrain_config(method)
     cfg.crops.sites = k
+    if norm is not None:
+        cfg.model.norm = norm
     torch.manual_seed(seed)
     model = PretrainModel(cfg, method_spec(method), text_dim=TEXT_DIM)
     g = torch.Generator().manual_seed(seed + 1)
@@ -31,7 +34,7 @@ def model_and_batch(method="t3d", b=3, k=2, seed=0):
 
 def test_training_and_evaluation_compute_the_same_study_embedding():
     model, batch, text = model_and_batch()
-    model.eval()  # BatchNorm with running statistics: the function of one study does not depend on the batch
+    model.eval()  # no batch statistics in eval mode: the function of one study does not depend on the batch
     with torch.no_grad():
         u_train = model(batch, text, generator=torch.Generator().manual_seed(0))["study_emb"]
     # Evaluation sees each study's clean crops (view 0 of every site: the crops the training forward pools).
@@ -71,7 +74,7 @@ def test_clip_uses_the_study_head_on_the_whole_volume():
 def test_clean_crops_do_not_share_batch_statistics_with_masked_crops():
     """Train-mode BatchNorm (the ResNet encoder): what is hidden in the masked views must not move the embeddings of
     the clean views, so L_view's clean side and the study embedding depend only on clean crops."""
-    model, batch, text = model_and_batch()
+    model, batch, text = model_and_batch(norm="batch")
     model.train()
     assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.encoder.modules())
     other = {"views": batch["views"].clone()}
@@ -85,7 +88,7 @@ def test_clean_crops_do_not_share_batch_statistics_with_masked_crops():
 
 
 def test_sync_batch_norm_under_ddp_on_accelerators(monkeypatch):
-    model, _, _ = model_and_batch()
+    model, _, _ = model_and_batch(norm="batch")
     assert dist.sync_batch_norm(model, torch.device("cpu")) is model  # one process: unchanged
     monkeypatch.setattr(dist, "is_distributed", lambda: True)
     assert dist.sync_batch_norm(model, torch.device("cpu")) is model  # gloo on CPU: SyncBatchNorm cannot run
