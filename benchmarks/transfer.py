@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from provenance import git_revision
 from t3d.config import ConfigError, to_dict
 from t3d.data.cache import write_json_atomic
 from t3d.losses import method_spec
@@ -45,16 +46,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------- bookkeeping
-
-
-def git_revision() -> str:
-    """``git rev-parse HEAD`` plus ``-dirty`` when the tree differs from it (changed or new, not ignored, files)."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def fingerprint(cfg: TransferConfig) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def test_every_citation_names_an_existing_section():
         text = path.read_text(encoding="utf-8")
         for number in CITED.findall(text):
             cited.setdefault(int(number), []).append(str(path.relative_to(ROOT)))
-        if "METHOD §" in text and path != Path(__file__).resolve():  # this file names the old form
+        if "METHOD §" in text and path != Path(__file__).resolve():  # this file names the form it forbids
             stale.append(str(path.relative_to(ROOT)))
     assert cited, "no docs/method.md citation found: the scan is looking in the wrong place"
     missing = {n: files for n, files in cited.items() if n not in headings}

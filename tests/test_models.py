@@ -164,7 +164,7 @@ def info_nce(z0: torch.Tensor, z1: torch.Tensor, tau: float = 0.1) -> torch.Tens
 
 
 def test_gap_of_instance_normalised_maps_is_what_we_avoid():
-    """The failed prototype's pooling: every sample gets the same vector and InfoNCE sits at log B, untrainable.
+    """Average-pooling an instance-normalised map gives every sample the same vector: InfoNCE sits at log B.
     Our pooling of the same encoder's deepest map lets the same loss fall within a few steps."""
     enc = tiny("resnet")
     head = ProjectionHead(enc.embed_channels, 32)

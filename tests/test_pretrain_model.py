@@ -19,6 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def model_and_batch(method="t3d", b=3, k=2, seed=0, norm=None):
+    """A tiny model and batch; ``norm`` sets ``model.norm`` of the ResNet (None: the config default, group)."""
     cfg = tiny_pretrain_config(method)
     cfg.crops.sites = k
     if norm is not None:
@@ -33,7 +34,7 @@ def model_and_batch(method="t3d", b=3, k=2, seed=0, norm=None):
 
 def test_training_and_evaluation_compute_the_same_study_embedding():
     model, batch, text = model_and_batch()
-    model.eval()  # BatchNorm with running statistics: the function of one study does not depend on the batch
+    model.eval()  # no batch statistics in eval mode: the function of one study does not depend on the batch
     with torch.no_grad():
         u_train = model(batch, text, generator=torch.Generator().manual_seed(0))["study_emb"]
     # Evaluation sees each study's clean crops (view 0 of every site: the crops the training forward pools).

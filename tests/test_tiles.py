@@ -37,7 +37,7 @@ MASK = [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]  # s
 def tiled_config(method: str, norm: str = "group") -> PretrainConfig:
     return PretrainConfig(
         method=method,
-        crops=CropConfig(size=(32, 32, 32), sites=1),
+        crops=CropConfig(size=(32, 32, 32), sites=1, windows=((-1000.0, 1000.0),)),  # one input channel
         model=ModelConfig(encoder="resnet", preset="tiny", embed_dim=16, norm=norm),
         tiles=TileConfig(max_tiles=T, chunk=2, heads=4),
     )
@@ -51,7 +51,7 @@ def tiled_model(method: str, spec: MethodSpec | None = None) -> tuple[PretrainMo
     spec = spec or method_spec(method)
     torch.manual_seed(0)
     model = PretrainModel(tiled_config(method), spec, text_dim=ET).double().train()
-    objective = PretrainObjective(LossConfig(lambda_align=0.7), spec, tau_text=0.1)
+    objective = PretrainObjective(LossConfig(lambda_align=0.7, tau_text=0.1), spec)
     return model, objective
 
 
@@ -143,7 +143,7 @@ def test_tiles_are_the_deterministic_body_grid(tiny_cache):
     volume, fg = ds.cache.image(key), ds.cache.foreground(key)
     n = len(grid_centres(volume.shape, fg, crops.size, tiles.overlap, tiles.max_tiles))
     assert 1 < n <= 6 and int(first["tile_mask"].sum()) == n
-    assert first["tiles"].shape == (6, 1, 32, 32, 32) and not first["tiles"][n:].any()
+    assert first["tiles"].shape == (6, crops.channels, 32, 32, 32) and not first["tiles"][n:].any()
     pos = first["tile_pos"][:n]
     assert pos.min() >= -1 and pos.max() <= 1 and pos.std(dim=0).max() > 0.1
     grid = GridCropDataset(tiny_cache.cache, crops.size, crops.windows, overlap=0.25, max_crops=6)[3]

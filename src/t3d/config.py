@@ -280,7 +280,7 @@ class LossConfig:
     """Weight of the L1 term on visible voxels (masked voxels have weight 1)."""
 
     RETIRED: typing.ClassVar[dict[str, str]] = {
-        "target_self_prob": "Y is no longer calibrated per batch (a batch-sized self-probability rewards collapse); "
+        "target_self_prob": "Y does not depend on the batch (a self-probability set per batch size rewards collapse); "
         "remove loss.target_self_prob and set loss.affinity_threshold (near-duplicate cosine) and "
         "loss.affinity_alpha (mass they share) instead",
     }
@@ -289,8 +289,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.tau_text <= 0:
             raise ConfigError(
-                f"loss.tau_text must be > 0, got {self.tau_text}; 0 used to mean 'calibrate per batch', which is "
-                "gone: set loss.tau_text (e.g. 0.05), loss.affinity_threshold and loss.affinity_alpha"
+                f"loss.tau_text must be > 0, got {self.tau_text}; it is the temperature among a report's "
+                "near-duplicates and is not calibrated per batch: set loss.tau_text (e.g. 0.05), "
+                "loss.affinity_threshold and loss.affinity_alpha"
             )
         if not -1 < self.affinity_threshold <= 1:
             raise ConfigError(f"loss.affinity_threshold is a cosine in (-1, 1], got {self.affinity_threshold}")

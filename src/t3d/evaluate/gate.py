@@ -41,8 +41,8 @@ def is_sensitive(delta: float, low: float, high: float, threshold: float) -> boo
 def gate_entry(name: str, supervised: Mapping | None, vssl: Mapping | None = None) -> dict:
     """One metric's gate record from difference intervals ``{"value", "low", "high"}`` (None: not measured).
 
-    Keys (issue 9, item 7): ``supervised_minus_random``, ``ci_low``, ``ci_high``, ``vssl_minus_random``,
-    ``vssl_ci_low``, ``sensitive``; plus ``threshold`` and, for vssl, ``vssl_ci_high``.
+    Keys (what the report's gate table and JSON read): ``supervised_minus_random``, ``ci_low``, ``ci_high``,
+    ``vssl_minus_random``, ``vssl_ci_low``, ``vssl_ci_high``, ``sensitive`` and ``threshold``.
     """
     threshold = THRESHOLDS[metric_kind(name)]
     nan = float("nan")

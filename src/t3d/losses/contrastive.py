@@ -76,9 +76,10 @@ def view_loss(z0: torch.Tensor, z1: torch.Tensor, y: torch.Tensor, tau: float) -
 def align_loss(u: torch.Tensor, t: torch.Tensor, y: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """L_align: study image embedding vs projected report embedding, soft CLIP loss in both directions.
 
-    u: (B, E) normalised study embeddings (normalised mean of its crop embeddings, or the whole volume for
-    ``clip``); t: (B, E) normalised projected report embeddings. logit_scale: 1/τ as a multiplier (scalar tensor,
-    already exponentiated as in open_clip's ``ClipLoss``: pass ``log_scale.exp()``), so it stays learnable.
+    u: (B, E) normalised study embeddings (``PretrainModel.study_embedding``: the study head over the pooled
+    features of the study's crops, the whole volume for ``clip``; tiled methods: the attention pooling of its tiles).
+    t: (B, E) normalised projected report embeddings. logit_scale: 1/τ as a multiplier (scalar tensor, already
+    exponentiated as in open_clip's ``ClipLoss``: pass ``log_scale.exp()``), so it stays learnable.
     """
     if u.shape != t.shape or u.ndim != 2:
         raise ValueError(f"align_loss: u {tuple(u.shape)} and t {tuple(t.shape)} must both be (B, E)")

@@ -7,8 +7,9 @@
 The model returns a dict of tensors (this rank's B studies, K sites, 2 views each):
 
 - ``crop_emb`` (B, K, 2, E) normalised crop embeddings — for ``view`` and ``align: sentence``;
-- ``study_emb`` (B, E) normalised mean of a study's crop embeddings (whole volume for ``clip``), ``text_emb``
-  (B, E) normalised projected report embeddings — for ``align: global``;
+- ``study_emb`` (B, E) normalised study embeddings (``PretrainModel.study_embedding``: the study head over the pooled
+  features of a study's clean crops, the whole volume for ``clip``), ``text_emb`` (B, E) normalised projected report
+  embeddings — for ``align: global``;
 - ``frozen_text`` (B, Et) normalised, corpus-centred frozen report embeddings s — for soft targets;
 - ``sent_emb`` (S, E) normalised projected sentence embeddings, ``sent_owner`` (S,) local study index — for
   ``align: sentence``; tiled methods: ``tile_emb`` (B, T, E) tiles in the joint space, ``tile_mask`` (B, T) bool

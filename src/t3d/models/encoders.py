@@ -15,9 +15,10 @@ Both encoders wrap MONAI modules without re-implementing them: ``swinvit`` is th
 
 Pooling rule: the pooled embedding must carry the sample. Global-average pooling an
 instance-normalised map returns the norm's fixed per-channel mean for every sample, and every contrastive loss
-then sits at log B. Both encoders average their deepest stage *spatially* over maps whose normalisation is not
-spatial (Swin: LayerNorm over channels at each voxel; ResNet: BatchNorm + residual + ReLU) and only then apply a
-LayerNorm over the channels of the pooled vector, which fixes its scale but keeps what differs between samples.
+then sits at log B. Both encoders average their deepest stage *spatially* over maps that are not normalised over
+space (Swin: LayerNorm over channels at each voxel; ResNet: each block ends in a residual sum and ReLU after its
+``model.norm`` layer) and only then apply a LayerNorm over the channels of the pooled vector, which fixes its scale
+but keeps what differs between samples.
 """
 
 from __future__ import annotations
