@@ -78,7 +78,7 @@ def run_probe_stage(
         test = [n for n, r in enumerate(rows) if r == "test"]
         result["study"] = {"metrics": study["metrics"], "l2": study["l2"], "sweep": study["sweep"]}
         result["study_scores"] = {"ids": [got[n] for n in test], "y": study["labels"], "p": study["scores"]}
-    sites = lesion_sites(cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, seed=s.seed)
+    sites = lesion_sites(cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, s.seed, split)
     key = f"{enc.fingerprint}|{cache}|{len(sites)}|{s.seed}|{s.negatives_per_lesion}|{s.lesion_labels}"
     xl = cached(out / "lesion_features.pt", key, lambda: crop_features(enc, cache, sites))
     lesion = lesion_probe(xl.numpy(), sites, split, s.size_thresholds_mm, s.l2, s.steps, s.n_boot, seed)

@@ -146,6 +146,21 @@ def test_negative_crops_never_hold_a_lesion(tiny_cache):
         assert window_has_lesion(cache.label(s.key), s.centre, size, LESIONS)
 
 
+def test_lesion_sites_are_centred_and_pairs_stay_in_one_split(tiny_cache):
+    cache = StudyCache(tiny_cache.cache)
+    ids = [row["id"] for row in cache.index()]
+    clean = [s.study for s in lesion_sites(cache, None, LESIONS, (32, 32, 32), seed=0) if s.label == 0]
+    split = {i: ("test" if n % 2 else "train") for n, i in enumerate(ids)}
+    split.update({i: "train" for i in clean[:1]})
+    sites = lesion_sites(cache, None, LESIONS, (32, 32, 32), negatives_per_lesion=2, seed=0, split_of=split)
+    positives = {s.group: s for s in sites if s.label == 1}
+    lesions = {les.centre for s in positives.values() for les in find_lesions(cache.label(s.key), LESIONS, (1, 1, 1))}
+    assert all(s.centre in lesions for s in positives.values())  # centred on the lesion, never shifted inward
+    for s in sites:
+        if s.label == 0:
+            assert split[s.study] == split[positives[s.group].study]
+
+
 @pytest.mark.usefixtures("one_thread")
 def test_features_are_cached_per_encoder(tiny_cache, tmp_path):
     cfg = PretrainConfig(
