@@ -118,6 +118,8 @@ class ProbeSettings:
     size_thresholds_mm: list[float] = field(default_factory=lambda: [10.0])
     """Lesion-size strata edges (equivalent diameter); one edge gives ``small`` and ``large``."""
     negatives_per_lesion: int = 1
+    voxel_region: list[int] = field(default_factory=lambda: [4, 4, 2])
+    """Central box (voxels) whose HU statistics are the lesion probe's non-learned control (``voxel_statistics``)."""
     l2: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0])
     steps: int = 100
     """L-BFGS iterations per L2 strength."""

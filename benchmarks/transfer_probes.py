@@ -24,7 +24,7 @@ from t3d.data.cases import prepare_cache as prepare_seg_cache
 from t3d.data.preprocess import preprocess_manifest
 from t3d.data.synthetic import generate_dataset
 from t3d.data.targets import read_findings
-from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features
+from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features, voxel_statistics
 from t3d.evaluate.gate import gate_entry
 from t3d.evaluate.lesions import cross_check, lesion_sites
 from t3d.evaluate.probes import lesion_probe, stratum_names, study_probe
@@ -78,19 +78,26 @@ def run_probe_stage(
         test = [n for n, r in enumerate(rows) if r == "test"]
         result["study"] = {"metrics": study["metrics"], "l2": study["l2"], "sweep": study["sweep"]}
         result["study_scores"] = {"ids": [got[n] for n in test], "y": study["labels"], "p": study["scores"]}
-    sites = lesion_sites(cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, seed=s.seed)
+    sites = lesion_sites(cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, s.seed, split)
     key = f"{enc.fingerprint}|{cache}|{len(sites)}|{s.seed}|{s.negatives_per_lesion}|{s.lesion_labels}"
     xl = cached(out / "lesion_features.pt", key, lambda: crop_features(enc, cache, sites))
     lesion = lesion_probe(xl.numpy(), sites, split, s.size_thresholds_mm, s.l2, s.steps, s.n_boot, seed)
     test = [n for n, site in enumerate(sites) if split.get(site.study) == "test"]
     lesion["test"]["ids"] = [f"{sites[n].study}@{','.join(map(str, sites[n].centre))}" for n in test]
     result["lesion"] = lesion
+    stats = voxel_statistics(cache, sites, s.voxel_region)  # the same sites, split and probe: a non-learned control
+    control = lesion_probe(stats.numpy(), sites, split, s.size_thresholds_mm, s.l2, s.steps, s.n_boot, seed)
+    result["lesion_voxel_stats"] = {k: control[k] for k in ("strata", "all", "l2", "sweep")}
+    result["lesion_voxel_stats"]["region"] = list(s.voxel_region)
     if findings.endswith(".jsonl"):  # synthetic: the label-map lesions against the generator's ground truth
         result["lesion_cross_check"] = cross_check(cache, findings, s.lesion_labels)
     return result
 
 
 # ----------------------------------------------------------------------------------------------- gate
+
+VOXEL_STATS = "voxel statistics"
+"""Row name of the lesion probe's non-learned control (HU statistics of the crop's central box)."""
 
 
 def expand_probe_results(results: list[dict], thresholds: list[float]) -> list[dict]:
@@ -168,6 +175,9 @@ def probe_cells(results: list[dict], methods: list[str], thresholds: list[float]
         for name in stratum_names(thresholds):
             row[f"lesion_probe_auroc_{name}"] = r["lesion"]["strata"][name]
         cells.setdefault(r["method"], {})[str(r["seed"])] = row
+        if "lesion_voxel_stats" in r and VOXEL_STATS not in cells:  # encoder-independent: shown once
+            strata = r["lesion_voxel_stats"]["strata"]
+            cells[VOXEL_STATS] = {"-": {f"lesion_probe_auroc_{n}": strata[n] for n in stratum_names(thresholds)}}
     return json.loads(json.dumps(cells))
 
 

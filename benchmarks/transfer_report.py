@@ -72,6 +72,10 @@ def probe_table(probes: dict, methods: Sequence[str], controls: Sequence[str]) -
             cells = [fmt({"mean": row[c]["value"], **row[c]}) if c in row else "n/a" for c in columns]
             label = f"{m} (control)" if m in controls else m
             lines.append(f"| {label} | {seed} | " + " | ".join(cells) + " |")
+    for m in sorted(set(probes) - set(methods)):  # non-learned controls (voxel statistics of the lesion crops)
+        for seed, row in sorted(probes[m].items()):
+            cells = [fmt({"mean": row[c]["value"], **row[c]}) if c in row else "n/a" for c in columns]
+            lines.append(f"| {m} (non-learned control) | {seed} | " + " | ".join(cells) + " |")
     return lines
 
 

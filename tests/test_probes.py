@@ -8,7 +8,7 @@ import torch
 
 from t3d.config import CropConfig, ModelConfig, PretrainConfig
 from t3d.data.cache import StudyCache
-from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features
+from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features, voxel_statistics
 from t3d.evaluate.gate import NOT_SENSITIVE, gate_entry, gate_table, is_sensitive, metric_kind, sensitive_metrics
 from t3d.evaluate.lesions import (
     CropSite,
@@ -28,6 +28,7 @@ from t3d.evaluate.probes import (
     stratum_names,
     study_probe,
 )
+from t3d.metrics import auroc
 
 LESIONS = (9, 10, 11, 12)
 
@@ -144,6 +145,34 @@ def test_negative_crops_never_hold_a_lesion(tiny_cache):
         assert s.group in {p.group for p in positives}
     for s in positives:
         assert window_has_lesion(cache.label(s.key), s.centre, size, LESIONS)
+
+
+def test_lesion_sites_are_centred_and_pairs_stay_in_one_split(tiny_cache):
+    cache = StudyCache(tiny_cache.cache)
+    ids = [row["id"] for row in cache.index()]
+    clean = [s.study for s in lesion_sites(cache, None, LESIONS, (32, 32, 32), seed=0) if s.label == 0]
+    split = {i: ("test" if n % 2 else "train") for n, i in enumerate(ids)}
+    split.update({i: "train" for i in clean[:1]})
+    sites = lesion_sites(cache, None, LESIONS, (32, 32, 32), negatives_per_lesion=2, seed=0, split_of=split)
+    positives = {s.group: s for s in sites if s.label == 1}
+    lesions = {les.centre for s in positives.values() for les in find_lesions(cache.label(s.key), LESIONS, (1, 1, 1))}
+    assert all(s.centre in lesions for s in positives.values())  # centred on the lesion, never shifted inward
+    for s in sites:
+        if s.label == 0:
+            assert split[s.study] == split[positives[s.group].study]
+
+
+def test_voxel_statistics_control_sees_the_lesion(tiny_cache):
+    cache = StudyCache(tiny_cache.cache)
+    sites = lesion_sites(cache, None, LESIONS, (32, 32, 32), negatives_per_lesion=2, seed=0)
+    one = voxel_statistics(tiny_cache.cache, sites, (1, 1, 1))
+    assert one.shape == (len(sites), 27)
+    assert [float(v) for v in one[:, 0]] == [float(cache.image(s.key)[s.centre]) for s in sites]
+    x = voxel_statistics(tiny_cache.cache, sites, (2, 2, 2)).numpy()
+    y = np.array([s.label for s in sites], np.float32)
+    probe = fit_probe(x, y[:, None], x, y[:, None], l2_grid=(1e-2,))
+    # Lesions at the crop centre shift the central HU statistics (tiny preset: 5 mm voxels, lesions of few voxels).
+    assert auroc(y, probe.scores(x)[:, 0]) > 0.75
 
 
 @pytest.mark.usefixtures("one_thread")

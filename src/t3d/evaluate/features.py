@@ -3,6 +3,7 @@
     enc = frozen_encoder("runs/pretrain/t3d")            # or frozen_encoder(None, cfg, seed=0): the random control
     x, ids = study_features(enc, "cache", ids)           # (N, 2F): mean and max over the study's grid tiles
     x = crop_features(enc, "cache", sites)               # (M, F): one crop per lesion-probe site
+    x = voxel_statistics("cache", sites, (4, 4, 2))      # (M, 27): the non-learned control of the lesion probe
     x, ids = cached("features/t3d_s0_study.pt", enc.fingerprint, lambda: study_features(enc, "cache", ids))
 
 Every method meets the same inputs and the same pooling: the fixed tile grid of ``t3d.data.grid`` at the
@@ -10,6 +11,10 @@ checkpoint's crop size and windows (full resolution, never resized; also for ``c
 convolutional and so reads tiles as it reads its shrunk volume), the encoder's own ``pool`` per tile (spatial
 mean + LayerNorm), then mean and max over the study's tiles concatenated. The max keeps a finding that lights up one
 tile of 27 from being averaged away; the mean carries diffuse findings (organ size, attenuation).
+
+``voxel_statistics`` is the lesion probe's non-learned control on the same sites: HU statistics of the central box
+of each crop. A lesion at the crop centre changes them, so a probe on them must beat chance on lesions the encoders
+are asked to see; if it does and an encoder does not, the encoder's features (or their pooling) lose the lesion.
 """
 
 from __future__ import annotations
@@ -110,6 +115,25 @@ def crop_features(enc: FrozenEncoder, cache: str | Path, sites: Sequence[CropSit
         feats.append(enc.embed(torch.from_numpy(x)))
     width = enc.encoder.embed_channels
     return torch.cat(feats) if feats else torch.empty(0, width)
+
+
+HU_BINS = np.linspace(-1000.0, 1000.0, 21)
+"""Histogram edges of ``voxel_statistics``: 100 HU bins over air to dense bone (lung, fat, soft tissue, stones)."""
+
+
+def voxel_statistics(cache: str | Path, sites: Sequence[CropSite], region: Sequence[int]) -> torch.Tensor:
+    """(M, 27) HU statistics of the box of ``region`` voxels centred at each site: mean, standard deviation, the
+    5/25/50/75/95th percentiles and the fraction of voxels in each of the 20 bins of ``HU_BINS`` (clipped)."""
+    store = StudyCache(cache)
+    size = np.asarray(region, np.int64)
+    if (size < 1).any():
+        raise ValueError(f"voxel_statistics: region must be >= 1 voxel per axis, got {tuple(region)}")
+    rows = []
+    for site in sites:
+        hu = read_crop(store.image(site.key), np.asarray(site.centre) - size // 2, np.empty(tuple(size), np.float32))
+        hist = np.histogram(np.clip(hu, HU_BINS[0], HU_BINS[-1]), bins=HU_BINS)[0] / hu.size
+        rows.append(np.concatenate([[hu.mean(), hu.std()], np.percentile(hu, [5, 25, 50, 75, 95]), hist]))
+    return torch.as_tensor(np.asarray(rows, np.float32).reshape(len(sites), 7 + len(HU_BINS) - 1))
 
 
 def cached(path: str | Path, key: str, compute: Callable[[], object]):

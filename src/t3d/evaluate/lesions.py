@@ -7,10 +7,12 @@ in studies without a lesion (docs/method.md §7).
 Lesions are the 26-connected components of each lesion class of a label map (as ``t3d.metrics.small_lesion_scores``
 counts them), so any labelled MSD-layout dataset works (lung nodules, liver tumours) and the synthetic ground truth
 (``ground_truth.jsonl``: ``size_mm``, ``centre_voxel``) is a cross-check, not the source. A positive crop is
-centred on the component's voxel nearest its centroid. "Same anatomical location" is the lesion's position
-relative to the body's bounding box (the cache's body voxels, HU > -500): a negative for a lesion at relative
-position r in [0, 1]^3 is centred at ``lo + r (hi - lo)`` of the body box of a lesion-free study. A negative crop
-never holds a lesion voxel: negatives come only from studies with no voxel of any lesion class, and every negative
+centred on the component's voxel nearest its centroid, also near the volume's edge (the part of the crop outside the
+volume is air, as ``read_crop`` fills it), so the lesion is always at the crop centre. "Same anatomical location" is
+the lesion's position relative to the body's bounding box (the cache's body voxels, HU > -500): a negative for a
+lesion at relative position r in [0, 1]^3 is centred at ``lo + r (hi - lo)`` of the body box of a lesion-free study
+of the same train / validation / test split. A negative crop never holds a lesion voxel: negatives come only from
+studies with no voxel of any lesion class, and every negative
 window is checked against the label map again before it is returned.
 """
 
@@ -25,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from t3d.data.cache import StudyCache
-from t3d.data.crops import centre_bounds, select_studies
+from t3d.data.crops import select_studies
 from t3d.data.synthetic.findings import FOCAL
 from t3d.metrics import equivalent_diameter_mm
 
@@ -129,28 +131,37 @@ def lesion_sites(
     crop_size: Sequence[int],
     negatives_per_lesion: int = 1,
     seed: int = 0,
+    split_of: dict[str, str] | None = None,
 ) -> list[CropSite]:
     """Positive sites (one per lesion) and ``negatives_per_lesion`` location-matched negatives each.
 
     Negatives are drawn (seeded, with replacement over positives) from the studies of ``ids`` with no lesion
-    voxel at all; with none such, the result holds positives only (the probe then reports the split unusable).
+    voxel at all and, given ``split_of`` (study id -> train / val / test), from the positive's own split: a
+    matched pair never straddles two splits. Pairs that straddle make any location feature anti-predictive on the
+    held-out split (its negatives sit where the *training* positives are, so a probe that learnt "lesions are
+    here" scores them high): AUROC below 0.5 even for a position-only feature. With no lesion-free study in a
+    split, its positives get no negative (the probe then reports the split unusable).
     """
     cache = cache if isinstance(cache, StudyCache) else StudyCache(cache)
     size = np.asarray(crop_size, np.int64)
     studies = _scan(cache, ids, lesion_labels)
-    clean = [s for s in studies if not s.lesions]
+    split_of = split_of or {}
+    clean: dict[str, list[_Study]] = {}
+    for s in studies:
+        if not s.lesions:
+            clean.setdefault(split_of.get(s.id, ""), []).append(s)
     rng = np.random.default_rng(seed)
     sites: list[CropSite] = []
     group = -1
     for study in studies:
-        lo, hi = centre_bounds(study.shape, size)
         for lesion in study.lesions:
             group += 1
-            centre = tuple(int(c) for c in np.clip(lesion.centre, lo, hi))
+            centre = tuple(int(c) for c in lesion.centre)
             sites.append(CropSite(study.id, study.key, centre, 1, lesion.diameter_mm, group))
             rel = relative_position(lesion.centre, study.box)
-            for _ in range(negatives_per_lesion if clean else 0):
-                other = clean[int(rng.integers(len(clean)))]
+            pool = clean.get(split_of.get(study.id, ""), [])
+            for _ in range(negatives_per_lesion if pool else 0):
+                other = pool[int(rng.integers(len(pool)))]
                 sites.append(_negative(cache, other, rel, size, lesion, group, lesion_labels))
     return sites
 
@@ -158,8 +169,7 @@ def lesion_sites(
 def _negative(cache, study: _Study, rel, size, lesion: Lesion, group: int, lesion_labels) -> CropSite:
     lo, hi = study.box
     target = np.round(lo + rel * (hi - lo)).astype(np.int64)
-    low, high = centre_bounds(study.shape, size)
-    centre = tuple(int(c) for c in np.clip(target, low, high))
+    centre = tuple(int(c) for c in np.clip(target, 0, np.asarray(study.shape) - 1))
     if window_has_lesion(cache.label(study.key), centre, size, lesion_labels):
         raise RuntimeError(f"negative crop at {centre} of lesion-free study '{study.id}' holds a lesion voxel")
     return CropSite(study.id, study.key, centre, 0, lesion.diameter_mm, group)
