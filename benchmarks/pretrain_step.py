@@ -49,6 +49,7 @@ import torch
 
 from pretrain_step_probes import MemoryProbe, count_flops, matmul_peak, proc_status
 from pretrain_step_setup import Step, build_step
+from provenance import git_revision
 from t3d.config import METHODS, PretrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The tiled-path figures of pretrain_step_tiles.py share the file: keep them (they carry their own command).
         old = json.loads(path.read_text()) if path.is_file() else {}
         kept = {k: v for k, v in old.items() if k.startswith(("tiled", "whole_volume_vs_tiled"))}
+        results["revision"] = git_revision()  # the side-by-side figures; tiled ones carry tiled.revision
         path.write_text(json.dumps({**results, **kept}, indent=1) + "\n")
     return results
 

@@ -40,6 +40,7 @@ import torch
 
 from pretrain_step_probes import MemoryProbe
 from pretrain_step_setup import Step, build_step
+from provenance import git_revision
 from t3d.config import PretrainConfig, load_config
 from t3d.data.grid import grid_centres
 from t3d.losses import MethodSpec
@@ -155,12 +156,6 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def revision() -> str:
-    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"], capture_output=True)
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -214,12 +209,13 @@ def main(argv: list[str] | None = None) -> dict:
         results["whole_volume_vs_tiled_memory_ratio_lower_bound"] = volume["lower_bound_mib"] / cover["mib"][0]
     print_summary(results, args)
     command = " ".join(["python benchmarks/pretrain_step_tiles.py", *argv])
-    results["tiled"].update(revision=revision(), command=command)  # attributable even after pretrain_step.py runs
+    results["tiled"].update(revision=git_revision(), command=command)  # attributable even after pretrain_step.py runs
     if args.json:
         path = Path(args.json)
         old = json.loads(path.read_text()) if path.is_file() else {}
         if "command" in old and not old["command"].startswith("python benchmarks/pretrain_step_tiles.py"):
             old["side_by_side_command"] = old["command"]  # the other keys' run (pretrain_step.py)
+            old["side_by_side_revision"] = old.get("revision")
         old.update(results, revision=results["tiled"]["revision"], command=command)
         path.write_text(json.dumps(old, indent=1) + "\n")
     return results
