@@ -5,7 +5,7 @@ import math
 
 from t3d.cli import main as cli_main
 from t3d.demo import run_demo
-from t3d.demo_probes import paired_case_diff, verdict
+from t3d.evaluate.compare import paired_case_diff, verdict
 
 ROWS = ["finding AUROC (study probe)", "lesion AUROC < 10 mm", "lesion AUROC (all sizes)"]
 

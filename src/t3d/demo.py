@@ -1,8 +1,8 @@
 """``t3d demo``: the main job on embedded default data, end to end on a laptop CPU in about ten minutes.
 
 synthetic CT + reports -> preprocessing cache -> pre-training (``configs/quickstart.yaml``, its default method) ->
-segmentation fine-tuning and the frozen-encoder probes (study-level finding probe, lesion probe; ``t3d.demo_probes``)
-from the pre-trained encoder and from random initialisation -> a table of both with the paired difference and its
+segmentation fine-tuning and the frozen-encoder probes (finding probe, lesion probe; ``t3d.evaluate.compare``) from
+the pre-trained encoder and from random initialisation -> a table of both with the paired difference and its
 95 % CI, and one line that says whether pre-training helped at this size (only where a CI excludes 0).
 Every stage is the real command's Python API. Re-running the demo reuses finished stages: the synthetic data and the
 cache are idempotent, pre-training resumes from its checkpoint, and finished fine-tuning runs are read back.
@@ -21,8 +21,8 @@ from t3d.data.cache import write_json_atomic
 from t3d.data.preprocess import preprocess_manifest
 from t3d.data.synthetic import generate_dataset
 from t3d.data.synthetic.command import format_summary
-from t3d.demo_probes import SMALL_MM as SMALL
-from t3d.demo_probes import compare_probes, paired_case_diff, verdict
+from t3d.evaluate.compare import SMALL_MM as SMALL
+from t3d.evaluate.compare import compare_probes, paired_case_diff, verdict
 from t3d.finetune.config import SegConfig
 from t3d.finetune.seg import run_seg
 from t3d.pretrain.main import run_pretrain

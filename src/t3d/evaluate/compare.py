@@ -1,4 +1,5 @@
-"""The demo's sensitive evaluations: frozen-encoder probes of the pre-trained vs a random encoder (docs/method.md §7).
+"""Pre-trained vs random encoder on the sensitive evaluations: the frozen-encoder probes (docs/method.md §7), as
+``t3d demo`` reports them.
 
     probes = compare_probes("demo_out/runs/pretrain", cfg, "demo_out/cache", "demo_out/data", seed=0)
     # {"study_probe_auroc": {"pretrained": Interval, "random": Interval, "diff": Interval}, "lesion_probe_auroc_small":
