@@ -5,7 +5,7 @@ import math
 
 from t3d.cli import main as cli_main
 from t3d.demo import run_demo
-from t3d.evaluate.compare import paired_case_diff, verdict
+from t3d.evaluate.compare import paired_case_diff, probe_split, verdict
 
 ROWS = ["finding AUROC (study probe)", "lesion AUROC < 10 mm", "lesion AUROC (all sizes)"]
 
@@ -50,3 +50,13 @@ def test_verdict_says_helped_only_when_the_interval_excludes_zero():
     line = verdict({"auroc": {"value": 0.2, "low": 0.05, "high": 0.4}, "dice": {"value": 0.0, "low": -1, "high": 1}})
     assert line.startswith("Pre-training helped on auroc") and "dice" not in line
     assert "worse than random on dice" in verdict({"dice": {"value": -0.2, "low": -0.3, "high": -0.1}})
+
+
+def test_probe_split_scores_only_studies_pre_training_never_saw(tmp_path):
+    splits = tmp_path / "splits.json"
+    ids = {"pretrain": [f"p{i}" for i in range(8)], "finetune": ["f0", "f1"], "test": ["t0"]}
+    splits.write_text(json.dumps(ids))
+    got = probe_split(splits, seed=0)
+    assert {i for i, s in got.items() if s == "test"} == {"f0", "f1", "t0"}
+    assert sum(s == "val" for s in got.values()) == 2 and sum(s == "train" for s in got.values()) == 6
+    assert got == probe_split(splits, seed=0)  # seeded

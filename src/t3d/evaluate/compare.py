@@ -8,15 +8,17 @@
 
 Both encoders meet the same studies, the same tile grid and the same lesion crops, so their difference is paired:
 one set of bootstrap resamples over test studies (study probe) or test studies as clusters (lesion probe) gives the
-interval of ``pretrained - random``. The demo's split file decides the probe split: the pre-training studies train
-the probe, the fine-tuning studies choose its L2 strength, the test studies score it (never seen by pre-training or
-by either probe's fit).
+interval of ``pretrained - random``. Probe split from the demo's split file: the pre-training studies train the
+probes (a seeded ``VAL_FRACTION`` of them chooses the L2 strength), the fine-tune and test studies, never seen by
+pre-training, score them. Lesion-free crops are drawn per probe split, so a negative belongs to the same split as
+the positive it is matched to.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,49 +28,80 @@ from t3d.data.cache import StudyCache
 from t3d.data.synthetic.findings import FOCAL, LESION_LABELS
 from t3d.data.targets import read_findings
 from t3d.evaluate.features import FrozenEncoder, crop_features, frozen_encoder, study_features
-from t3d.evaluate.lesions import lesion_sites
+from t3d.evaluate.lesions import CropSite, lesion_sites
 from t3d.evaluate.probes import lesion_probe, paired_cluster_auroc, paired_macro_auroc, study_probe
 from t3d.evaluate.studies import read_split
 from t3d.metrics import bootstrap_indices, percentile_interval
 
-PROBE_SPLITS = {"pretrain": "train", "finetune": "val", "test": "test"}
-"""Demo split -> probe split."""
+HELD_OUT = ("finetune", "test")
+"""Splits of the demo's split file that score the probes (never seen by pre-training)."""
+VAL_FRACTION = 0.25
+"""Share of the pre-training studies that chooses the probes' L2 strength."""
 SMALL_MM = 10.0
 """Lesions below this equivalent diameter form the ``small`` stratum of the lesion probe."""
 
 
-def probe_split(splits: str | Path) -> dict[str, str]:
-    """study id -> ``train``/``val``/``test`` from the demo's split file (``PROBE_SPLITS``)."""
-    return {i: probe for name, probe in PROBE_SPLITS.items() for i in read_split(splits, name)}
+def probe_split(splits: str | Path, seed: int = 0) -> dict[str, str]:
+    """study id -> ``train``/``val``/``test``: ``test`` for the held-out splits (``HELD_OUT``), a seeded
+    ``VAL_FRACTION`` of the ``pretrain`` split ``val``, the rest ``train``."""
+    pretrain = np.random.default_rng(seed).permutation(sorted(read_split(splits, "pretrain")))
+    n_val = int(round(VAL_FRACTION * len(pretrain)))
+    out = {str(i): "val" if n < n_val else "train" for n, i in enumerate(pretrain)}
+    out.update({i: "test" for name in HELD_OUT for i in read_split(splits, name)})
+    return out
+
+
+def split_lesion_sites(cache, split: dict[str, str], ids: list[str], crop_size, seed: int) -> list[CropSite]:
+    """``lesion_sites`` of each probe split on its own: negatives come from lesion-free studies of the same split."""
+    lesion_labels = [LESION_LABELS[k] for k in FOCAL]
+    sites: list[CropSite] = []
+    for name in ("train", "val", "test"):
+        part = lesion_sites(cache, [i for i in ids if split[i] == name], lesion_labels, crop_size, seed=seed)
+        offset = 1 + max((s.group for s in sites), default=-1)
+        sites += [replace(s, group=s.group + offset) for s in part]
+    return sites
 
 
 def compare_probes(run: str | Path, cfg: PretrainConfig, cache: str | Path, data: str | Path, seed: int = 0) -> dict:
     """Study-level finding probe and lesion probe for the checkpoint ``run`` and a random encoder of ``cfg``."""
     data = Path(data)
-    split = probe_split(data / "splits.json")
+    split = probe_split(data / "splits.json", seed)
     ids = [row["id"] for row in StudyCache(cache).index() if row["id"] in split]
     encoders = {"pretrained": frozen_encoder(run), "random": frozen_encoder(None, cfg, seed=seed)}
     f_ids, names, y_all = read_findings(data / "ground_truth.jsonl")
     row_of = {i: n for n, i in enumerate(f_ids)}
-    lesion_labels = [LESION_LABELS[k] for k in FOCAL]
-    sites = lesion_sites(cache, ids, lesion_labels, cfg.crops.size, seed=seed)
+    sites = split_lesion_sites(cache, split, ids, cfg.crops.size, seed)
     study_scores, lesion_scores = {}, {}
     for name, enc in encoders.items():
         study_scores[name], rows = _study_probe(enc, cache, ids, split, names, y_all, row_of, seed)
-        x = crop_features(enc, cache, sites).numpy()
-        lesion_scores[name] = lesion_probe(x, sites, split, (SMALL_MM,), seed=seed)
+        lesion_scores[name] = _lesion_probe(enc, cache, sites, split, seed)
     out: dict = {"n_studies": {k: rows.count(k) for k in ("train", "val", "test")}}
     out["study_probe_auroc"] = {n: s["metrics"]["macro"]["auroc"] for n, s in study_scores.items()}
     test_y = np.asarray(study_scores["pretrained"]["labels"])
     pre, rand = (np.asarray(study_scores[n]["scores"]) for n in ("pretrained", "random"))
     out["study_probe_auroc"]["diff"] = paired_macro_auroc(test_y, pre, rand, seed=seed)
-    test = lesion_scores["pretrained"]["test"]
+    out.update(_lesion_cells(lesion_scores, seed))
+    return out
+
+
+def _lesion_probe(enc: FrozenEncoder, cache, sites: list[CropSite], split: dict[str, str], seed: int) -> dict | None:
+    """The lesion probe, or None where the training studies lack lesion or lesion-free crops (tiny datasets)."""
+    if {s.label for s in sites if split.get(s.study) == "train"} != {0, 1}:
+        return None
+    return lesion_probe(crop_features(enc, cache, sites).numpy(), sites, split, (SMALL_MM,), seed=seed)
+
+
+def _lesion_cells(scores: dict[str, dict | None], seed: int) -> dict:
+    """``lesion_probe_auroc_{small,all}``: both encoders' AUROC and their paired difference (NaN: not measurable)."""
+    if any(s is None for s in scores.values()):
+        return {f"lesion_probe_auroc_{k}": {n: _nan_interval() for n in (*scores, "diff")} for k in ("small", "all")}
+    test = scores["pretrained"]["test"]
     stratum = np.asarray(test["stratum"])
-    out["lesions"] = {k: lesion_scores["pretrained"]["strata"][k] for k in ("small", "large")}
+    out: dict = {"lesions": {k: scores["pretrained"]["strata"][k] for k in ("small", "large")}}
     for key, keep in (("small", stratum == 0), ("all", np.ones(len(stratum), bool))):
-        cell = {n: lesion_scores[n]["all"] if key == "all" else lesion_scores[n]["strata"][key] for n in encoders}
+        cell = {n: s["all"] if key == "all" else s["strata"][key] for n, s in scores.items()}
         y, clusters = np.asarray(test["label"])[keep], np.asarray(test["study"])[keep]
-        a, b = (np.asarray(lesion_scores[n]["test"]["score"])[keep] for n in ("pretrained", "random"))
+        a, b = (np.asarray(scores[n]["test"]["score"])[keep] for n in ("pretrained", "random"))
         both = 0 < y.sum() < len(y)
         cell["diff"] = paired_cluster_auroc(y, a, b, clusters, seed=seed) if both else _nan_interval()
         out[f"lesion_probe_auroc_{key}"] = cell
