@@ -56,7 +56,10 @@ def split_lesion_sites(cache, split: dict[str, str], ids: list[str], crop_size, 
     lesion_labels = [LESION_LABELS[k] for k in FOCAL]
     sites: list[CropSite] = []
     for name in ("train", "val", "test"):
-        part = lesion_sites(cache, [i for i in ids if split[i] == name], lesion_labels, crop_size, seed=seed)
+        members = [i for i in ids if split[i] == name]
+        if not members:  # a tiny dataset may leave a split empty
+            continue
+        part = lesion_sites(cache, members, lesion_labels, crop_size, seed=seed)
         offset = 1 + max((s.group for s in sites), default=-1)
         sites += [replace(s, group=s.group + offset) for s in part]
     return sites
