@@ -1,0 +1,241 @@
+"""The alignment gates of a text-aligned pre-training run (docs/method.md §7), measured on held-out studies.
+
+    python benchmarks/alignment_gates.py --run t3d=runs/t3d --run t3d-tiles=runs/t3d-tiles --run clip=runs/clip \\
+        --cache cache --splits data/splits.json --heldout finetune test \\
+        --out benchmarks/results/alignment_gates_cpu.json
+
+Per run (a ``t3d pretrain`` folder of a joint-space method):
+
+- ``align_share``: how far the final logged ``L_align`` went from chance (log B) towards its floor, the entropy of
+  the soft targets H(Y) (``target_entropy`` in ``log.jsonl``): ``(log B - L_align) / (log B - H(Y))``, over the
+  last ``--window`` logged entries. Gate: >= 0.3.
+- held-out image -> report R@5 with a bootstrap interval over queries, and chance 5 / N. Gate: the interval
+  excludes chance (``ci_low > chance``).
+- ``heldout_study_cos``: mean pairwise cosine of the held-out study embeddings (the ``t3d evaluate`` pooling).
+  Gate: < 0.9.
+- text diagnostic (methods with a restoration decoder): L1 of restoring the hidden lesion voxels of held-out crops
+  with a shuffled report minus with the study's own report (``text_diagnostic``; the studies whose crop draws hid a
+  lesion voxel; ``*_all_voxels``: every hidden voxel), paired bootstrap over studies. Gate: the interval excludes 0
+  on the positive side.
+
+Diagnostics that say *why* a gate fails ride along: the logged ``L_view`` against log B, the learnt alignment
+temperature, the training-batch study cosine, the held-out report cosine, the relative spread (mean distance from
+the centroid over the centroid's norm) of the study embeddings, of the projected reports and of the pooled encoder
+features *before* the alignment head (does the encoder separate studies that the joint space maps to one point?),
+and how concentrated the top-1 retrieved reports are (``top1_report_share``: the largest fraction of held-out images
+whose best report is one and the same report). ``benchmarks/collapse.py`` gives retrieval on the training split.
+The JSON carries the git revision and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from t3d.data.cache import write_json_atomic
+from t3d.data.crops import CropDataset
+from t3d.data.synthetic.findings import LESION_LABELS
+from t3d.evaluate.features import frozen_encoder, study_features
+from t3d.evaluate.joint import image_embeddings, load_joint, study_dataset, text_embeddings
+from t3d.evaluate.retrieval import retrieval_metrics
+from t3d.evaluate.studies import read_split, report_texts
+from t3d.losses.objective import mean_pairwise_cosine
+from t3d.metrics import bootstrap_indices, percentile_interval
+from t3d.text import load_text_features
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import git_revision  # noqa: E402
+from transfer_stages import derangement  # noqa: E402
+
+GATES = {"align_share": 0.3, "heldout_study_cos": 0.9}
+"""Thresholds of issue 10 item 3: align share at least, held-out cosine below."""
+
+
+def log_window(run_dir: Path, window: int) -> dict:
+    """Means of the last ``window`` logged entries of ``log.jsonl`` (numeric fields only)."""
+    rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r][-window:]
+    if not rows:
+        raise ValueError(f"{run_dir / 'log.jsonl'}: no logged training step; did `t3d pretrain` run?")
+    keys = [k for k, v in rows[-1].items() if isinstance(v, int | float)]
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+
+def align_share(logged: dict, batch: int) -> dict:
+    """Share of the way from log B to the floor H(Y) that the logged ``L_align`` covered."""
+    chance = math.log(batch)
+    floor = logged.get("target_entropy", 0.0)
+    share = (chance - logged["align"]) / (chance - floor) if chance > floor else float("nan")
+    return {"align": logged["align"], "log_b": chance, "target_entropy": floor, "align_share": share}
+
+
+def top1_share(u: torch.Tensor, t: torch.Tensor) -> float:
+    """Largest fraction of images whose top-1 report is the same report (1/N: spread; near 1: one hub report)."""
+    best = (u.double() @ t.double().T).argmax(dim=1)
+    return float(torch.bincount(best).max()) / len(best)
+
+
+def relative_spread(x: torch.Tensor) -> float:
+    """Mean distance of the rows of ``x`` from their mean, relative to the mean's norm (0: every row identical)."""
+    x = x.double()
+    centre = x.mean(dim=0)
+    return float((x - centre).norm(dim=1).mean() / centre.norm().clamp_min(1e-12))
+
+
+def paired_diff(a: list[float], b: list[float], n_boot: int, seed: int) -> dict:
+    """mean(a - b) with a percentile interval over resampled studies."""
+    d = np.asarray(a) - np.asarray(b)
+    reps = d[bootstrap_indices(len(d), n_boot, seed)].mean(axis=1)
+    return percentile_interval(float(d.mean()), reps).as_dict()
+
+
+def encoder_features(run_dir: Path, cache: Path, ids: list[str]) -> torch.Tensor:
+    """Pooled encoder features per study, before any alignment head: the mean over the fixed tile grid of
+    ``t3d.evaluate.features`` (does the encoder tell studies apart even where the joint space does not?)."""
+    x, _ = study_features(frozen_encoder(run_dir), cache, ids)
+    return x[:, : x.shape[1] // 2]  # the mean half of (mean, max)
+
+
+@torch.no_grad()
+def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: int, seed: int) -> dict:
+    """Restoration L1 of held-out crops with each study's own report vs another study's (a derangement), the same
+    crops and masks in both conditions: per study, over all hidden voxels and over hidden lesion voxels (NaN where a
+    study's draws hid no lesion voxel). Tiled models get their crops as a one-tile study; restoration never reads it.
+    """
+    model = jm.model
+    tokens = model.conditioning == "cross_attention"
+    feats = load_text_features(texts, jm.cfg.text, cache / "text", tokens=tokens, progress=False)
+    text = {"frozen": F.normalize(feats.pooled.float() - jm.text_mean, dim=-1)}  # (N, Et), as in pre-training
+    if tokens:
+        text.update(tokens=feats.tokens.float(), token_mask=feats.token_mask)
+    perm = derangement(len(ids), seed)
+    row = {i: n for n, i in enumerate(ids)}
+    data = CropDataset(cache, replace(jm.cfg.crops, augment=False), ids=ids, seed=seed, with_labels=True)
+    lesion_classes = torch.tensor(sorted(LESION_LABELS.values()))
+    err = {c: np.zeros((2, len(ids))) for c in ("true", "shuffled")}  # [all hidden, hidden lesion] error sums
+    count = np.zeros((2, len(ids)))
+    for r in range(repeats):
+        data.set_epoch(r)
+        for item in data:
+            n = row[item["id"]]
+            views = item["views"][None]
+            batch = {"views": views, "index": torch.tensor([item["index"]])}
+            if jm.spec.tiles:
+                k = views.shape[1]
+                batch.update(tiles=views[:, :, 0], tile_pos=torch.zeros(1, k, 3), tile_mask=torch.ones(1, k))
+            lesion = torch.isin(item["labels"][:, 1], lesion_classes)  # (K, 1, D, H, W): the restored views
+            for name, source in (("true", n), ("shuffled", int(perm[n]))):
+                cond = {key: v[source : source + 1] for key, v in text.items()}
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 1009 + n)  # same mask both times
+                out = model(batch, cond, generator=generator)
+                l1 = (out["restored"].float() - out["target"].float()).abs().mean(dim=1, keepdim=True)
+                for j, where in enumerate((out["mask"], out["mask"] & lesion)):
+                    err[name][j, n] += float(l1[where.expand_as(l1)].sum())
+                    count[j, n] += float(where.sum()) if name == "true" else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: (e / count).tolist() for name, e in err.items()}
+
+
+def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
+    """Every gate and diagnostic of one run."""
+    jm = load_joint(run_dir)
+    jm.require_joint_space()
+    logged = log_window(run_dir, args.window)
+    out = {"method": jm.method, "step": jm.step, **align_share(logged, jm.cfg.train.batch_size)}
+    out["final_log"] = {k: logged[k] for k in ("view", "tau_align", "study_cos", "restore", "loss") if k in logged}
+    ids, texts = report_texts(cache, jm.cfg.text.sections, ids)
+    u, got = image_embeddings(jm, study_dataset(jm.cfg, jm.spec, cache, ids, max_crops=args.max_crops))
+    if got != ids:
+        raise ValueError(f"{cache}: the cached studies and their reports do not line up")
+    t = text_embeddings(jm, texts, cache / "text")
+    r = retrieval_metrics(u, t, n_boot=args.n_boot, seed=args.seed, reports=texts)
+    r5 = r["image_to_report"]["R@5"]
+    out.update(
+        n_heldout=len(ids),
+        retrieval_r5=r5["value"],
+        retrieval_r5_ci_low=r5["low"],
+        retrieval_r5_ci_high=r5["high"],
+        retrieval_chance=r["chance"]["R@5"],
+        heldout_study_cos=float(mean_pairwise_cosine(u)),
+        heldout_report_cos=float(mean_pairwise_cosine(t)),
+        top1_report_share=top1_share(u, t),
+        heldout_study_spread=relative_spread(u),
+        heldout_report_spread=relative_spread(t),
+        heldout_feature_spread=relative_spread(encoder_features(run_dir, cache, ids)),
+        duplicate_reports=r.get("duplicate_reports", 0),
+    )
+    if jm.model.decoder is not None:
+        diag = text_diagnostic(jm, cache, ids, texts, args.repeats, args.seed)
+        for j, suffix in ((1, ""), (0, "_all_voxels")):  # the gate reads lesion voxels
+            true, shuffled = (np.asarray(diag[c][j]) for c in ("true", "shuffled"))
+            keep = np.isfinite(true) & np.isfinite(shuffled)
+            d = paired_diff(shuffled[keep], true[keep], args.n_boot, args.seed)
+            out.update(
+                {
+                    f"text_diag_true{suffix}": float(true[keep].mean()),
+                    f"text_diag_shuffled{suffix}": float(shuffled[keep].mean()),
+                    f"text_diag_diff{suffix}": d["value"],
+                    f"text_diag_ci_low{suffix}": d["low"],
+                    f"text_diag_ci_high{suffix}": d["high"],
+                    f"text_diag_studies{suffix}": int(keep.sum()),
+                }
+            )
+    out["passes"] = gate_passes(out)
+    return out
+
+
+def gate_passes(m: dict) -> dict:
+    """Each gate's verdict (None: not applicable to the method)."""
+    diag = m.get("text_diag_ci_low")
+    return {
+        "align_share": bool(m["align_share"] >= GATES["align_share"]),
+        "retrieval_above_chance": bool(m["retrieval_r5_ci_low"] > m["retrieval_chance"]),
+        "heldout_study_cos": bool(m["heldout_study_cos"] < GATES["heldout_study_cos"]),
+        "text_diagnostic": None if diag is None else bool(diag > 0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR of `t3d pretrain` (repeatable)")
+    p.add_argument("--cache", required=True, help="`t3d preprocess` cache holding the held-out studies and reports")
+    p.add_argument("--splits", required=True, help="JSON split file")
+    p.add_argument("--heldout", nargs="+", default=["finetune", "test"], help="split names pooled as held-out")
+    p.add_argument("--window", type=int, default=2, help="logged entries averaged for the final L_align")
+    p.add_argument("--repeats", type=int, default=2, help="crop/mask draws per study of the text diagnostic")
+    p.add_argument("--max-crops", type=int, default=27)
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--setup", default="", help="free text stored with the result (data, steps, model)")
+    p.add_argument("--out", default="benchmarks/results/alignment_gates_cpu.json")
+    args = p.parse_args(argv)
+    ids = [i for split in args.heldout for i in read_split(args.splits, split)]
+    result = {
+        "revision": git_revision(),
+        "command": shlex.join(["python", "benchmarks/alignment_gates.py", *argv]),
+        "setup": args.setup,
+        "gates": {"align_share_min": GATES["align_share"], "heldout_study_cos_max": GATES["heldout_study_cos"]},
+        "runs": {},
+    }
+    for spec in args.run:
+        name, _, folder = spec.partition("=")
+        if not folder:
+            raise SystemExit(f"--run {spec!r}: expected NAME=RUN_DIR, e.g. --run t3d=runs/t3d")
+        result["runs"][name] = measure(Path(folder), Path(args.cache), ids, args)
+        print(name, json.dumps({k: v for k, v in result["runs"][name].items() if k != "final_log"}))
+    write_json_atomic(Path(args.out), result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
