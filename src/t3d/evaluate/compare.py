@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -51,20 +50,6 @@ def probe_split(splits: str | Path, seed: int = 0) -> dict[str, str]:
     return out
 
 
-def split_lesion_sites(cache, split: dict[str, str], ids: list[str], crop_size, seed: int) -> list[CropSite]:
-    """``lesion_sites`` of each probe split on its own: negatives come from lesion-free studies of the same split."""
-    lesion_labels = [LESION_LABELS[k] for k in FOCAL]
-    sites: list[CropSite] = []
-    for name in ("train", "val", "test"):
-        members = [i for i in ids if split[i] == name]
-        if not members:  # a tiny dataset may leave a split empty
-            continue
-        part = lesion_sites(cache, members, lesion_labels, crop_size, seed=seed)
-        offset = 1 + max((s.group for s in sites), default=-1)
-        sites += [replace(s, group=s.group + offset) for s in part]
-    return sites
-
-
 def compare_probes(run: str | Path, cfg: PretrainConfig, cache: str | Path, data: str | Path, seed: int = 0) -> dict:
     """Study-level finding probe and lesion probe for the checkpoint ``run`` and a random encoder of ``cfg``."""
     data = Path(data)
@@ -73,7 +58,8 @@ def compare_probes(run: str | Path, cfg: PretrainConfig, cache: str | Path, data
     encoders = {"pretrained": frozen_encoder(run), "random": frozen_encoder(None, cfg, seed=seed)}
     f_ids, names, y_all = read_findings(data / "ground_truth.jsonl")
     row_of = {i: n for n, i in enumerate(f_ids)}
-    sites = split_lesion_sites(cache, split, ids, cfg.crops.size, seed)
+    # Negatives from lesion-free studies of the positive's own probe split.
+    sites = lesion_sites(cache, ids, [LESION_LABELS[k] for k in FOCAL], cfg.crops.size, seed=seed, split_of=split)
     study_scores, lesion_scores = {}, {}
     for name, enc in encoders.items():
         study_scores[name], rows = _study_probe(enc, cache, ids, split, names, y_all, row_of, seed)
