@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from t3d.data.cache import write_json_atomic
 from t3d.data.crops import CropDataset
@@ -50,11 +49,10 @@ from t3d.evaluate.retrieval import retrieval_metrics
 from t3d.evaluate.studies import read_split, report_texts
 from t3d.losses.objective import mean_pairwise_cosine
 from t3d.metrics import bootstrap_indices, percentile_interval
-from t3d.text import load_text_features
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git_revision  # noqa: E402
-from transfer_stages import derangement  # noqa: E402
+from transfer_stages import derangement, report_conditions, restoration_batch  # noqa: E402
 
 GATES = {"align_share": 0.3, "heldout_study_cos": 0.9}
 """Thresholds of issue 10 item 3: align share at least, held-out cosine below."""
@@ -112,11 +110,7 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
     study's draws hid no lesion voxel). Tiled models get their crops as a one-tile study; restoration never reads it.
     """
     model = jm.model
-    tokens = model.conditioning == "cross_attention"
-    feats = load_text_features(texts, jm.cfg.text, cache / "text", tokens=tokens, progress=False)
-    text = {"frozen": F.normalize(feats.pooled.float() - jm.text_mean, dim=-1)}  # (N, Et), as in pre-training
-    if tokens:
-        text.update(tokens=feats.tokens.float(), token_mask=feats.token_mask)
+    text = report_conditions(jm, texts, cache)
     perm = derangement(len(ids), seed)
     row = {i: n for n, i in enumerate(ids)}
     data = CropDataset(cache, replace(jm.cfg.crops, augment=False), ids=ids, seed=seed, with_labels=True)
@@ -127,11 +121,7 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
         data.set_epoch(r)
         for item in data:
             n = row[item["id"]]
-            views = item["views"][None]
-            batch = {"views": views, "index": torch.tensor([item["index"]])}
-            if jm.spec.tiles:
-                k = views.shape[1]
-                batch.update(tiles=views[:, :, 0], tile_pos=torch.zeros(1, k, 3), tile_mask=torch.ones(1, k))
+            batch = restoration_batch(jm, item)
             lesion = torch.isin(item["labels"][:, 1], lesion_classes)  # (K, 1, D, H, W): the restored views
             for name, source in (("true", n), ("shuffled", int(perm[n]))):
                 cond = {key: v[source : source + 1] for key, v in text.items()}

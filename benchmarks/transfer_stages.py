@@ -153,6 +153,28 @@ def derangement(n: int, seed: int) -> np.ndarray:
     return perm
 
 
+def report_conditions(jm, reports: list[str], cache: Path) -> dict[str, torch.Tensor]:
+    """The decoder's conditioning inputs for ``reports``, as pre-training builds them: centred, normalised frozen
+    embeddings ``frozen`` (N, Et), plus ``tokens`` / ``token_mask`` for a cross-attention decoder."""
+    tokens = jm.model.conditioning == "cross_attention"
+    feats = load_text_features(reports, jm.cfg.text, cache / "text", tokens=tokens, progress=False)
+    text = {"frozen": F.normalize(feats.pooled.float() - jm.text_mean, dim=-1)}  # (N, Et)
+    if tokens:
+        text.update(tokens=feats.tokens.float(), token_mask=feats.token_mask)
+    return text
+
+
+def restoration_batch(jm, item: dict) -> dict[str, torch.Tensor]:
+    """A one-study batch of ``item``'s crop views; tiled models also get those crops as the study's tiles (the
+    restoration branch never reads them, but the forward builds the study embedding from them)."""
+    views = item["views"][None]
+    batch = {"views": views, "index": torch.tensor([item["index"]])}
+    if jm.spec.tiles:
+        k = views.shape[1]
+        batch.update(tiles=views[:, :, 0], tile_pos=torch.zeros(1, k, 3), tile_mask=torch.ones(1, k))
+    return batch
+
+
 @torch.no_grad()
 def text_diagnostic(run_dir: Path, cache: Path, ids: list[str] | None, repeats: int = 1, seed: int = 0) -> dict:
     """Does the decoder use the report? Masked-voxel L1 of restoring held-out crops with each study's own report vs
@@ -165,11 +187,7 @@ def text_diagnostic(run_dir: Path, cache: Path, ids: list[str] | None, repeats: 
     if model.decoder is None:
         raise ValueError(f"{run_dir}: method {jm.method} has no restoration decoder; the diagnostic needs one")
     ids, reports = report_texts(cache, jm.cfg.text.sections, ids)
-    tokens = model.conditioning == "cross_attention"
-    feats = load_text_features(reports, jm.cfg.text, Path(cache) / "text", tokens=tokens, progress=False)
-    text = {"frozen": F.normalize(feats.pooled.float() - jm.text_mean, dim=-1)}  # (N, Et), as in pre-training
-    if tokens:
-        text.update(tokens=feats.tokens.float(), token_mask=feats.token_mask)
+    text = report_conditions(jm, reports, Path(cache))
     perm = torch.from_numpy(derangement(len(ids), seed))
     row = {i: n for n, i in enumerate(ids)}
     data = CropDataset(cache, replace(jm.cfg.crops, augment=False), ids=ids, seed=seed)
@@ -178,7 +196,7 @@ def text_diagnostic(run_dir: Path, cache: Path, ids: list[str] | None, repeats: 
         data.set_epoch(r)
         for item in data:
             n = row[item["id"]]
-            batch = {"views": item["views"][None], "index": torch.tensor([item["index"]])}
+            batch = restoration_batch(jm, item)
             for name, source in (("true", n), ("shuffled", int(perm[n]))):
                 cond = {k: v[source : source + 1] for k, v in text.items()}
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 1009 + n)  # same mask both times
