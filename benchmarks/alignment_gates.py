@@ -1,6 +1,6 @@
 """The alignment gates of a text-aligned pre-training run (docs/method.md §7), measured on held-out studies.
 
-    python benchmarks/alignment_gates.py --run t3d=runs/t3d --run t3d-tiles=runs/t3d-tiles --run clip=runs/clip \\
+    python benchmarks/alignment_gates.py --run t3d=runs/t3d --run t3d-crops=runs/t3d-crops --run clip=runs/clip \\
         --cache cache --splits data/splits.json --heldout finetune test \\
         --out benchmarks/results/alignment_gates_cpu.json
 

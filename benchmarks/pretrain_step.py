@@ -1,4 +1,8 @@
-"""Cost of one pre-training step: ``t3d`` vs ``vssl`` vs ``clip`` side by side, MFU, and crops vs a whole volume.
+"""Cost of one pre-training step: ``t3d-crops`` vs ``vssl`` vs ``clip`` side by side, MFU, and crops vs a whole volume.
+
+``t3d-crops`` is ``t3d``'s objective with the study embedding taken from the crop sites: the crop-view work every
+``t3d`` step does. What the tile grid of ``t3d`` adds on top (per tile, and its memory) is
+``benchmarks/pretrain_step_tiles.py``'s subject.
 
     python benchmarks/pretrain_step.py --json benchmarks/results/pretrain_step_cpu.json
     python benchmarks/pretrain_step.py --device cuda --encoder swinvit --preset base --batch 8 --sites 2
@@ -25,7 +29,7 @@ the cached text features (training never runs the text encoder).
     before each step (``/proc/self/clear_refs`` = 5) after ``gc.collect()`` + ``malloc_trim(0)``, minus RSS right
     before it: exact up to allocator slack (glibc mmaps blocks above 32 MiB and unmaps them on free) and free of
     cost, so the table's column comes from the timed steps themselves (steady state). Crops vs whole volume uses
-    one protocol for both sides: the *first* step of a freshly built model (AdamW state included), t3d on the
+    one protocol for both sides: the *first* step of a freshly built model (AdamW state included), t3d-crops on the
     B*K*2 crops vs the ``clip`` objective (encoder + pooled head + align) on one whole ``--volume`` at crop spacing,
     sides padded up to multiples of 32. On CPU each runs in a child process whose additional address space is
     capped at ``--mem-limit-gb`` (RLIMIT_AS): a volume that does not fit reads "> cap" and its ratio is a lower
@@ -60,7 +64,7 @@ CHILD_TAG = "T3D_CHILD_RESULT "
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--methods", nargs="+", default=["t3d", "vssl", "clip"], choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=["t3d-crops", "vssl", "clip"], choices=METHODS)
     p.add_argument("--encoder", choices=("resnet", "swinvit"), help="default resnet (recipe: its own)")
     p.add_argument("--preset", help="encoder preset, default tiny (recipe: its own)")
     p.add_argument("--crop", type=int, nargs="+", help="crop size: one side or three (default 96)")
@@ -149,7 +153,7 @@ def fresh_config(args: argparse.Namespace, which: str) -> PretrainConfig:
     """``crops``: the t3d step of (a). ``volume``: the ``clip`` objective (encoder + pooled head + align) on one
     whole ``--volume`` at crop spacing, sides padded up to multiples of 32 voxels as the encoders need."""
     if which == "crops":
-        return build_config(args, "t3d")
+        return build_config(args, "t3d-crops")
     padded = [32 * math.ceil(s / 32) for s in args.volume]
     return build_config(args, "clip", **{"clip.grid": padded, "train.batch_size": 1})
 
@@ -272,8 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.methods, args.rounds, args.steps = [build_config(args).method], 1, args.recipe_steps
     results = side_by_side(args, argv, device)
     rows = results["methods"]
-    if "t3d" in rows and not args.gpu_recipe and not args.skip_volume:
-        results["memory"] = memory_comparison(args, argv, device, rows["t3d"]["crops_per_step"])
+    if "t3d-crops" in rows and not args.gpu_recipe and not args.skip_volume:
+        results["memory"] = memory_comparison(args, argv, device, rows["t3d-crops"]["crops_per_step"])
     print_table(results)
     if args.json:
         path = Path(args.json)
@@ -320,10 +324,10 @@ def side_by_side(args: argparse.Namespace, argv: list[str], device: torch.device
         "methods": summarise(stats, steps, peaks),
     }
     rows = results["methods"]
-    if "t3d" in rows and "vssl" in rows:
-        results["t3d_over_vssl_crops_per_s"] = rows["t3d"]["crops_per_s"] / rows["vssl"]["crops_per_s"]
+    if "t3d-crops" in rows and "vssl" in rows:
+        results["t3d_crops_over_vssl_crops_per_s"] = rows["t3d-crops"]["crops_per_s"] / rows["vssl"]["crops_per_s"]
         # Fastest step of each: what the two cost when other processes leave the cores alone (a cross-check).
-        results["t3d_over_vssl_fastest"] = min(rows["vssl"]["step_s_all"]) / min(rows["t3d"]["step_s_all"])
+        results["t3d_crops_over_vssl_fastest"] = min(rows["vssl"]["step_s_all"]) / min(rows["t3d-crops"]["step_s_all"])
     return results
 
 
@@ -344,14 +348,14 @@ def print_table(r: dict) -> None:
         print(f"{m['cores_used']:>7.2f}")
     peaks = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in r["matmul_peak_gflop_s"].items())
     print(f"matmul peak ({r['matmul_peak_size']}^2, best of 5, before/after): {peaks}")
-    if "t3d_over_vssl_crops_per_s" in r:
-        ratio, fastest = r["t3d_over_vssl_crops_per_s"], r["t3d_over_vssl_fastest"]
-        print(f"t3d / vssl crops/s = {ratio:.3f} (medians; fastest steps: {fastest:.3f})  (target >= 0.9)")
+    if "t3d_crops_over_vssl_crops_per_s" in r:
+        ratio, fastest = r["t3d_crops_over_vssl_crops_per_s"], r["t3d_crops_over_vssl_fastest"]
+        print(f"t3d-crops / vssl crops/s = {ratio:.3f} (medians; fastest steps: {fastest:.3f})  (target >= 0.9)")
     mem = r.get("memory")
     if mem:
         crop, vol = mem["crop_step"], mem["volume_step"]
         shape = "x".join(map(str, vol.get("shape", mem["volume"])))
-        line = f"(c) fresh first step: t3d on {mem['crops']} crops "
+        line = f"(c) fresh first step: t3d-crops on {mem['crops']} crops "
         line += f"{crop['mib']:.0f} MiB" if crop["status"] == "ok" else crop["status"]
         line += f"; whole volume {shape} (1 study, clip objective) "
         if vol["status"] == "ok":

@@ -1,4 +1,4 @@
-"""Memory and compute of the tiled study path (GradCache, ``t3d-tiles``) on synthetic inputs.
+"""Memory and compute of the tiled study path (GradCache, ``t3d``) on synthetic inputs.
 
     python benchmarks/pretrain_step_tiles.py --threads 2 --json benchmarks/results/pretrain_step_cpu.json
 
@@ -10,7 +10,7 @@ excluded), so tiles held as input do not count, only what the step builds. Child
 ``MALLOC_MMAP_THRESHOLD_=65536``: blocks above 64 KiB are mapped and unmapped on free, so RSS follows live memory
 instead of heap slack (with the default, re-allocating one tile per chunk leaves ~0.5 MiB of slack per tile).
 
-(d) Peak memory of a ``t3d-tiles`` step vs tiles per study (``--tiles``, default 4 8 16 32 64) with a fixed
+(d) Peak memory of a ``t3d`` step vs tiles per study (``--tiles``, default 4 8 16 32 64) with a fixed
     ``tiles.chunk``: GradCache keeps one chunk's graph plus the tile features, so the curve should be flat
     (target: max / min <= 1.2). One warm-up step, then ``--rounds`` steps: medians, min and max.
 (e) Compute: the same steps' wall time against a ``t3d`` crop step of the same B x K x 2 views. The overhead per
@@ -50,7 +50,7 @@ REPO = BENCH.parent
 CHILD_TAG = "T3D_TILES_RESULT "
 VOLUME_TAG = "T3D_CHILD_RESULT "  # pretrain_step.py's child protocol
 TEXT_DIM = 384
-ALIGN_ONLY = MethodSpec("t3d-tiles", False, False, "global", False, "none", tiles=True)
+ALIGN_ONLY = MethodSpec("t3d", False, False, "global", False, "none", tiles=True)
 """L_align on the tiled study embedding alone: the tiled counterpart of the ``clip`` objective."""
 
 
@@ -110,13 +110,13 @@ def run_child(args: argparse.Namespace) -> dict:
     kind, _, value = args.child.partition(":")
     if kind == "tiles":
         n = int(value)
-        step = build_step(config("t3d-tiles", args.crop, args.batch, args.chunk, n), cpu, TEXT_DIM, 0)
+        step = build_step(config("t3d", args.crop, args.batch, args.chunk, n), cpu, TEXT_DIM, 0)
         return {"tiles": n, **timed_steps(step, args.rounds, 1)}
     if kind == "crops":
         step = build_step(config("t3d", args.crop, args.batch, args.chunk, 1), cpu, TEXT_DIM, 0)
         return timed_steps(step, args.rounds, 1)
     n = len(cover_centres(args))
-    cfg = config("t3d-tiles", args.cover_crop, 1, args.cover_chunk, n)
+    cfg = config("t3d", args.cover_crop, 1, args.cover_chunk, n)
     step = build_step(cfg, cpu, TEXT_DIM, 0, spec=ALIGN_ONLY)
     step.batch["views"] = step.batch["views"][..., :32, :32, :32].contiguous()  # unused by L_align: the smallest
     return {"tiles": n, **timed_steps(step, 1, 0)}  # the first step of a fresh model, as on the volume side
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_summary(r: dict, args: argparse.Namespace) -> None:
     t = r["tiled"]
-    print(f"\n(d) t3d-tiles step, {args.crop}^3 tiles, B={args.batch}, chunk {args.chunk}: added peak MiB (median)")
+    print(f"\n(d) t3d step, {args.crop}^3 tiles, B={args.batch}, chunk {args.chunk}: added peak MiB (median)")
     for n, v in t["peak_mib_by_tiles"].items():
         s = t["step_s_by_tiles"][n]
         print(

@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("embed")
     return {
         "data": synth_dataset(root / "data", num_studies=8),
-        "t3d": write_checkpoint(root / "ck_t3d", "t3d"),
+        "t3d-crops": write_checkpoint(root / "ck_t3d", "t3d-crops"),
         "vssl": write_checkpoint(root / "ck_vssl", "vssl"),
         "root": root,
     }
@@ -35,7 +35,7 @@ def _embed(tiny, method: str, out_name: str, extra=()):
 
 
 def test_embed_writes_aligned_image_feature_and_text_embeddings(tiny, capsys):
-    out = _embed(tiny, "t3d", "emb_t3d")
+    out = _embed(tiny, "t3d-crops", "emb_t3d")
     assert "8 studies" in capsys.readouterr().out
     ids = json.loads((out / "ids.json").read_text())
     manifest_ids = [json.loads(line)["id"] for line in (tiny["data"] / "reports.jsonl").read_text().splitlines()]
@@ -50,7 +50,7 @@ def test_embed_writes_aligned_image_feature_and_text_embeddings(tiny, capsys):
         rows = list(csv.DictReader(fh))
     assert [r["id"] for r in rows] == ids and all(r["has_text"] == "1" for r in rows)
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["method"] == "t3d" and meta["image_dim"] == 16 and meta["text"] is True
+    assert meta["method"] == "t3d-crops" and meta["image_dim"] == 16 and meta["text"] is True
 
 
 def test_image_embedding_is_the_models_study_embedding_of_grid_crops(tiny):
@@ -59,13 +59,13 @@ def test_image_embedding_is_the_models_study_embedding_of_grid_crops(tiny):
 
     out = tiny["root"] / "emb_t3d"
     if not out.is_dir():
-        out = _embed(tiny, "t3d", "emb_t3d")
-    jm = load_joint(tiny["t3d"], device=torch.device("cpu"))
+        out = _embed(tiny, "t3d-crops", "emb_t3d")
+    jm = load_joint(tiny["t3d-crops"], device=torch.device("cpu"))
     ds = GridCropDataset(out / "cache", jm.cfg.crops.size, jm.cfg.crops.windows, max_crops=2)
     item = ds[0]
     with torch.no_grad():
         pooled = jm.model.encoder.pool(jm.model.encoder.forward_features(item["crops"]))  # (K, C)
-        expected = jm.model.align_head(pooled[None])[0].numpy()  # t3d: the study head over the pooled crops
+        expected = jm.model.align_head(pooled[None])[0].numpy()  # t3d-crops: the study head over the pooled crops
     row = json.loads((out / "ids.json").read_text()).index(item["id"])
     np.testing.assert_allclose(np.load(out / "image.npy")[row], expected, atol=1e-5)
 
@@ -86,9 +86,9 @@ def test_embed_of_one_split(tiny):
 def test_tiled_checkpoint_embeds_with_the_training_tiles_and_pooling(tiny):
     """A tiled method's study embedding in ``embed`` / evaluation is the training function: the checkpoint's tile
     grid (not ``--max-crops``) and its attention pooling, exactly as ``TiledCropDataset`` + the model compute it."""
-    tiny["t3d-tiles"] = write_checkpoint(tiny["root"] / "ck_tiles", "t3d-tiles")
-    out = _embed(tiny, "t3d-tiles", "emb_tiles")
-    jm = load_joint(tiny["t3d-tiles"], device=torch.device("cpu"))
+    tiny["t3d"] = write_checkpoint(tiny["root"] / "ck_tiles", "t3d")
+    out = _embed(tiny, "t3d", "emb_tiles")
+    jm = load_joint(tiny["t3d"], device=torch.device("cpu"))
     training = TiledCropDataset(out / "cache", jm.cfg.crops, jm.cfg.tiles)
     ids = json.loads((out / "ids.json").read_text())
     image = np.load(out / "image.npy")

@@ -286,6 +286,10 @@ def test_method_table_covers_every_method_with_the_right_flags():
     assert flags["t3d-no-align"] == (True, True, "none", True, False)
     assert flags["t3d-hard"] == (True, False, "global", True, False)
     assert flags["t3d-sentence"] == (True, True, "sentence", True, False)
+    assert flags["t3d-crops"] == flags["t3d"] and flags["t3d-crops-sentence"] == flags["t3d-sentence"]
+    # t3d and every ablation of its text terms take the study embedding from the tile grid; *-crops from random crops
+    tiled = {m for m in METHODS if method_spec(m).tiles}
+    assert tiled == {"t3d", "t3d-hard", "t3d-sentence", "t3d-cross-attention", "t3d-uncond"}
     assert flags["vssl"] == (True, False, "none", True, False)
     assert flags["vssl-contrastive"] == (True, False, "none", False, False)
     assert flags["vssl-restore"] == (False, False, "none", True, False)
@@ -325,8 +329,8 @@ def model_outputs(b=4, k=2, e=6, seed=30):
 
 EXPECTED_KEYS = {
     "t3d": {"view", "align", "tcl", "restore"},
-    "t3d-tiles": {"view", "align", "tcl", "restore"},
-    "t3d-sentence-tiles": {"view", "align", "tcl", "restore"},
+    "t3d-crops": {"view", "align", "tcl", "restore"},
+    "t3d-crops-sentence": {"view", "align", "tcl", "restore"},
     "t3d-no-align": {"view", "tcl", "restore"},
     "t3d-hard": {"view", "align", "tcl", "restore"},
     "t3d-sentence": {"view", "align", "tcl", "restore"},

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from monai.networks.nets import ResNet, SwinUNETR
 
 from t3d.config import ENCODER_PRESETS, ConfigError, ModelConfig
+from t3d.losses.objective import mean_pairwise_cosine
 from t3d.models import PRESETS, LogitScale, ProjectionHead, RestorationDecoder, build_encoder
 from t3d.models.encoders import (
     HAS_EINOPS,
@@ -177,9 +178,10 @@ def test_gap_of_instance_normalised_maps_is_what_we_avoid():
         return F.instance_norm(enc.forward_features(v)[-1]).mean(dim=(2, 3, 4))  # (N, C) of (near) zeros
 
     bad = [forbidden(v) for v in views]
-    assert torch.allclose(bad[0], bad[0][:1].expand_as(bad[0]), atol=1e-5)  # one vector for every sample
-    loss = info_nce(head(bad[0]), head(bad[1]))
-    assert loss.item() == pytest.approx(math.log(4), abs=1e-3)
+    # one (zero) vector for every sample: whatever a head does with it, every sample gets the same embedding
+    assert torch.allclose(bad[0], torch.zeros_like(bad[0]), atol=1e-5)
+    same = head(bad[0][:1]).expand(4, -1)
+    assert info_nce(same, same).item() == pytest.approx(math.log(4), abs=1e-5)
 
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-3)
     losses = []
@@ -235,6 +237,22 @@ def test_projection_head_is_unit_norm_and_checks_width():
     torch.testing.assert_close(z.norm(dim=1), torch.ones(5))
     with pytest.raises(ValueError, match=r"\(\.\.\., 48\)"):
         head(torch.randn(5, 40))
+
+
+def test_projection_head_keeps_the_spread_of_centred_inputs_at_init():
+    """Spread-out unit inputs (centred report features, cosine ~0) must not start in one cone after the head: a
+    shared offset (bias) would make every image-report logit alike and L_align blind to which report is which."""
+    torch.manual_seed(0)
+    x = F.normalize(torch.randn(64, 384), dim=1)  # pairwise cosine ~0, like centred reports
+    assert abs(float(mean_pairwise_cosine(x))) < 0.05
+    for seed in range(3):
+        torch.manual_seed(seed)
+        head = ProjectionHead(384, 64)
+        assert all(not hasattr(m, "bias") or m.bias is None for m in head.modules())
+        assert abs(float(mean_pairwise_cosine(head(x)))) < 0.1
+    # what the check guards against: the same MLP with PyTorch's default biases starts in a narrow cone
+    biased = torch.nn.Sequential(torch.nn.Linear(384, 384), torch.nn.GELU(), torch.nn.Linear(384, 64))
+    assert float(mean_pairwise_cosine(F.normalize(biased(x), dim=1))) > 0.5
 
 
 def test_logit_scale_starts_at_one_over_tau_and_stays_in_range():

@@ -124,7 +124,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, run: Path, min_step: int, timeou
     raise AssertionError(f"no checkpoint for step >= {min_step} in {run} after {timeout} s")
 
 
-@pytest.mark.parametrize("method", ["t3d", "t3d-tiles"])
+@pytest.mark.parametrize("method", ["t3d-crops", "t3d"])
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_cache, tmp_path, method):
     steps = 8
     # 12 studies, batch 2: 6 batches per epoch, so the kill falls mid-epoch and the resumed run crosses epochs.
@@ -233,7 +233,9 @@ def test_contrastive_terms_fall_below_chance(tiny_cache, tmp_path, method, steps
     for term in terms:
         curve = [round(r[term], 2) for r in rows]
         assert tail_mean(rows, term) < 0.7 * log_b, f"{term} stays near log B = {log_b:.2f}: {curve}"
-        assert tail_mean(rows, term) < 0.7 * tail_mean(rows[:5], term), f"{term} does not fall: {curve}"
+        # Bias-free heads keep two views of one crop close from the first step (L_view starts near 0.5 log B here),
+        # so the fall asked for is relative to that start.
+        assert tail_mean(rows, term) < 0.8 * tail_mean(rows[:5], term), f"{term} does not fall: {curve}"
 
 
 # ----------------------------------------------------------------------------------------------- non-finite guard

@@ -18,7 +18,7 @@ TEXT_DIM = 8
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def model_and_batch(method="t3d", b=3, k=2, seed=0, norm=None):
+def model_and_batch(method="t3d-crops", b=3, k=2, seed=0, norm=None):
     """A tiny model and batch; ``norm`` sets ``model.norm`` of the ResNet (None: the config default, group)."""
     cfg = tiny_pretrain_config(method)
     cfg.crops.sites = k

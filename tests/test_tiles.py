@@ -44,7 +44,7 @@ def tiled_config(method: str, norm: str = "group") -> PretrainConfig:
 
 
 # Without restoration no random masks are drawn, so two ranks see exactly the inputs of one process.
-NO_MASKS = MethodSpec("t3d-tiles", True, True, "global", False, "none", tiles=True)
+NO_MASKS = MethodSpec("t3d", True, True, "global", False, "none", tiles=True)
 
 
 def tiled_model(method: str, spec: MethodSpec | None = None) -> tuple[PretrainModel, PretrainObjective]:
@@ -87,7 +87,7 @@ def gradcache_grads(method: str, rows=slice(0, B), spec: MethodSpec | None = Non
     return {k: v.detach() for k, v in terms.items()}, grads(model)
 
 
-@pytest.mark.parametrize("method", ["t3d-tiles", "t3d-sentence-tiles"])
+@pytest.mark.parametrize("method", ["t3d", "t3d-sentence"])
 def test_gradcache_gradients_equal_the_full_graph(method):
     model, objective = tiled_model(method)
     batch, text = tiled_batch()
@@ -104,10 +104,10 @@ def test_gradcache_gradients_equal_the_full_graph(method):
 
 
 def test_tiled_path_refuses_batch_norm():
-    cfg = tiled_config("t3d-tiles", norm="batch")
+    cfg = tiled_config("t3d", norm="batch")
     with pytest.raises(ValueError, match="model.norm=group"):
-        PretrainModel(cfg, method_spec("t3d-tiles"), text_dim=ET)
-    crops_model = PretrainModel(replace(cfg, method="t3d"), method_spec("t3d"), text_dim=ET)
+        PretrainModel(cfg, method_spec("t3d"), text_dim=ET)
+    crops_model = PretrainModel(replace(cfg, method="t3d-crops"), method_spec("t3d-crops"), text_dim=ET)
     with pytest.raises(ValueError, match="BatchNorm layers are in training mode"):
         check_batch_independent(crops_model.encoder.train())
     check_batch_independent(crops_model.encoder.eval())  # fixed running statistics do not mix samples
@@ -160,7 +160,7 @@ def _ddp_worker(local, port, folder):
     torch.set_num_threads(1)
     distributed.init_distributed(backend="gloo")
     half = B // 2
-    model, objective = tiled_model("t3d-tiles", NO_MASKS)
+    model, objective = tiled_model("t3d", NO_MASKS)
     batch, text = tiled_batch(slice(local * half, (local + 1) * half))
     terms = gradcache_step(
         model, objective, batch, text, torch.Generator().manual_seed(11), lambda loss: loss.backward(), chunk=2
@@ -177,7 +177,7 @@ def test_two_gloo_processes_give_the_one_process_tiled_loss_and_gradients(tmp_pa
     columns, so the mean of the ranks' losses is the one-process loss and averaged gradients are its gradients."""
     mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    terms, want = gradcache_grads("t3d-tiles", spec=NO_MASKS)
+    terms, want = gradcache_grads("t3d", spec=NO_MASKS)
     torch.testing.assert_close(ranks[0]["loss"], terms["loss"], rtol=1e-10, atol=0)
     for name, grad in want.items():
         for r in range(2):
@@ -191,11 +191,11 @@ def test_positions_are_normalised_body_coordinates():
 
 
 def test_checkpoint_without_model_norm_loads_as_the_batch_norm_it_was_trained_with(tmp_path):
-    cfg = replace(tiled_config("t3d", norm="batch"), method="t3d")
-    model = PretrainModel(cfg, method_spec("t3d"), text_dim=ET)
+    cfg = replace(tiled_config("t3d", norm="batch"), method="t3d-crops")
+    model = PretrainModel(cfg, method_spec("t3d-crops"), text_dim=ET)
     config = to_dict(cfg)
     del config["model"]["norm"]  # written before model.norm existed
-    state = {"model": model.state_dict(), "config": config, "method": "t3d", "text_mean": torch.zeros(ET)}
+    state = {"model": model.state_dict(), "config": config, "method": "t3d-crops", "text_mean": torch.zeros(ET)}
     save_checkpoint(state, tmp_path, "final")
     jm = load_joint(tmp_path, device=torch.device("cpu"))  # strict key matching: running statistics included
     assert jm.cfg.model.norm == "batch" and batch_dependent_norms(jm.model.encoder.train())

@@ -21,13 +21,20 @@ __all__ = ["ConfigError", "from_dict", "load_config", "parse_overrides", "save_c
 QUICKSTART_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 """The CPU quick-start pre-training config of a source checkout (``t3d demo``'s default)."""
 
+RETIRED_METHODS = {
+    "t3d-tiles": "the tiled study path is t3d's own now: use method t3d (the random-crop study path is t3d-crops)",
+    "t3d-sentence-tiles": "the tiled study path is t3d's own now: use method t3d-sentence "
+    "(the random-crop sentence variant is t3d-crops-sentence)",
+}
+"""Method names of older configs, with what to use instead."""
+
 METHODS = (
     "t3d",
-    "t3d-tiles",
+    "t3d-crops",
     "t3d-no-align",
     "t3d-hard",
     "t3d-sentence",
-    "t3d-sentence-tiles",
+    "t3d-crops-sentence",
     "t3d-cross-attention",
     "t3d-uncond",
     "vssl",
@@ -309,7 +316,7 @@ class LossConfig:
 
 @dataclass
 class TileConfig:
-    """The tiled study embedding (methods whose study path is ``tiles``, e.g. ``t3d-tiles``; docs/method.md §3).
+    """The tiled study embedding (methods whose study path is ``tiles``, e.g. ``t3d``; docs/method.md §3).
 
     Every study is covered by a fixed, overlapping grid of full-resolution tiles of ``crops.size`` (no resizing);
     the study embedding is an attention pooling of the tiles' encoder features, and its gradient reaches the
@@ -403,6 +410,8 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.method in RETIRED_METHODS:
+            raise ConfigError(f"method {self.method!r} was renamed: {RETIRED_METHODS[self.method]}")
         _check_choice("method", self.method, METHODS)
         if self.method == "supervised" and not self.data.findings:
             raise ConfigError(

@@ -57,14 +57,14 @@ class MethodSpec:
 # fmt: off
 _TABLE = (
     # name                  view   soft   align       restore conditioning       whole_volume findings tiles
-    ("t3d",                 True,  True,  "global",   True,   None,              False,       False,   False),
-    ("t3d-tiles",           True,  True,  "global",   True,   None,              False,       False,   True),
+    ("t3d",                 True,  True,  "global",   True,   None,              False,       False,   True),
+    ("t3d-crops",           True,  True,  "global",   True,   None,              False,       False,   False),
     ("t3d-no-align",        True,  True,  "none",     True,   None,              False,       False,   False),
-    ("t3d-hard",            True,  False, "global",   True,   None,              False,       False,   False),
-    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False,       False,   False),
-    ("t3d-sentence-tiles",  True,  True,  "sentence", True,   None,              False,       False,   True),
-    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False,       False,   False),
-    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False,       False,   False),
+    ("t3d-hard",            True,  False, "global",   True,   None,              False,       False,   True),
+    ("t3d-sentence",        True,  True,  "sentence", True,   None,              False,       False,   True),
+    ("t3d-crops-sentence",  True,  True,  "sentence", True,   None,              False,       False,   False),
+    ("t3d-cross-attention", True,  True,  "global",   True,   "cross_attention", False,       False,   True),
+    ("t3d-uncond",          True,  True,  "global",   True,   "none",            False,       False,   True),
     ("vssl",                True,  False, "none",     True,   "none",            False,       False,   False),
     ("vssl-contrastive",    True,  False, "none",     False,  "none",            False,       False,   False),
     ("vssl-restore",        False, False, "none",     True,   "none",            False,       False,   False),

@@ -16,9 +16,14 @@ from torch import Tensor, nn
 
 
 class ProjectionHead(nn.Module):
-    """MLP (Linear -> GELU -> Linear) followed by L2 normalisation: (N, in_dim) -> (N, out_dim), unit norm.
+    """Bias-free MLP (Linear -> GELU -> Linear) followed by L2 normalisation: (N, in_dim) -> (N, out_dim), unit norm.
 
     The same class projects pooled image features and frozen (centred) text embeddings (SimCLR / CLIP heads).
+    No biases: a bias is an offset shared by every input, and at initialisation it dominates the projection of unit
+    inputs (each output coordinate of ``W x`` has the same spread as the bias), so every report would start in one
+    narrow cone (mean pairwise cosine ~0.92 for centred report features whose own cosine is ~0) and the image-report
+    logits would hardly differ between reports. Without biases the head is odd-ish around 0 and keeps the inputs'
+    spread at initialisation (tests/test_heads.py).
 
     Args:
         in_dim: input width (encoder ``embed_channels`` or the text encoder's Et).
@@ -32,7 +37,9 @@ class ProjectionHead(nn.Module):
             raise ValueError(f"ProjectionHead needs positive widths, got in_dim={in_dim}, out_dim={out_dim}")
         hidden = hidden or max(in_dim, out_dim)
         self.in_dim, self.out_dim = in_dim, out_dim
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out_dim, bias=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_dim:
