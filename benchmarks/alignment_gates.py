@@ -24,6 +24,10 @@ the centroid over the centroid's norm) of the study embeddings, of the projected
 features *before* the alignment head (does the encoder separate studies that the joint space maps to one point?),
 and how concentrated the top-1 retrieved reports are (``top1_report_share``: the largest fraction of held-out images
 whose best report is one and the same report). ``benchmarks/collapse.py`` gives retrieval on the training split.
+With ``--ground-truth`` (synthetic data): ``finding_oracle.r5``, the R@5 of a model that knows each held-out study's
+findings (type, organ, side) exactly and nothing else, i.e. what the reports' findings allow at all once wording is
+set aside; and per run ``same_findings_r5``: the share of images whose 5 best reports include one with the image's
+own finding set, against its chance under a random ranking.
 The JSON carries the git revision and the command line.
 """
 
@@ -135,6 +139,43 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
         return {name: (e / count).tolist() for name, e in err.items()}
 
 
+def finding_sets(ground_truth: Path, ids: list[str]) -> list[frozenset]:
+    """Each study's findings as a set of (type, organ, side) from ``t3d synth``'s ``ground_truth.jsonl``."""
+    rows = {}
+    for line in ground_truth.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["id"]] = frozenset((f["type"], f.get("organ"), f.get("side")) for f in row["findings"])
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise ValueError(f"{ground_truth}: no ground truth for {len(missing)} held-out studies, e.g. {missing[0]}")
+    return [rows[i] for i in ids]
+
+
+def finding_oracle_r5(sets: list[frozenset], seed: int, draws: int = 20) -> float:
+    """Image -> report R@5 of a model that knows each study's findings exactly and nothing else: reports ranked by
+    the Jaccard similarity of their finding sets to the image's, ties broken at random (mean over ``draws``)."""
+    rng = np.random.default_rng(seed)
+    n = len(sets)
+    sim = np.array([[len(a & b) / len(a | b) if a | b else 1.0 for b in sets] for a in sets])
+    hits = []
+    for _ in range(draws):
+        order = np.lexsort((rng.random((n, n)), -sim), axis=1)[:, :5]  # by similarity, then a random tie-break
+        hits.append(np.mean([i in order[i] for i in range(n)]))
+    return float(np.mean(hits))
+
+
+def same_findings_r5(u: torch.Tensor, t: torch.Tensor, sets: list[frozenset]) -> dict:
+    """Share of held-out images whose 5 best reports include one with the image's own finding set (phrasing aside),
+    and its chance under a random ranking: did the joint space learn findings, even where it cannot match wording?"""
+    top = (u @ t.T).topk(min(5, len(sets)), dim=1).indices.tolist()
+    n = len(sets)
+    hit = [any(sets[j] == sets[i] for j in row) for i, row in enumerate(top)]
+    same = [sum(s == sets[i] for s in sets) for i in range(n)]  # the own report included
+    chance = [1.0 - math.comb(n - m, 5) / math.comb(n, 5) for m in same]
+    return {"same_findings_r5": float(np.mean(hit)), "same_findings_r5_chance": float(np.mean(chance))}
+
+
 def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
     """Every gate and diagnostic of one run."""
     jm = load_joint(run_dir)
@@ -163,6 +204,8 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
         heldout_feature_spread=relative_spread(encoder_features(run_dir, cache, ids)),
         duplicate_reports=r.get("duplicate_reports", 0),
     )
+    if args.ground_truth:
+        out.update(same_findings_r5(u, t, finding_sets(Path(args.ground_truth), ids)))
     if jm.model.decoder is not None:
         diag = text_diagnostic(jm, cache, ids, texts, args.repeats, args.seed)
         for j, suffix in ((1, ""), (0, "_all_voxels")):  # the gate reads lesion voxels
@@ -207,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--setup", default="", help="free text stored with the result (data, steps, model)")
+    p.add_argument("--ground-truth", help="`t3d synth`'s ground_truth.jsonl: adds the finding-level diagnostics")
     p.add_argument("--out", default="benchmarks/results/alignment_gates_cpu.json")
     args = p.parse_args(argv)
     ids = [i for split in args.heldout for i in read_split(args.splits, split)]
@@ -217,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         "gates": {"align_share_min": GATES["align_share"], "heldout_study_cos_max": GATES["heldout_study_cos"]},
         "runs": {},
     }
+    if args.ground_truth:
+        sets = finding_sets(Path(args.ground_truth), ids)
+        result["finding_oracle"] = {
+            "r5": finding_oracle_r5(sets, args.seed),
+            "chance": 5 / len(ids),
+            "distinct_finding_sets": len(set(sets)),
+            "studies_without_findings": sum(not s for s in sets),
+        }
+        print("finding oracle", json.dumps(result["finding_oracle"]))
     for spec in args.run:
         name, _, folder = spec.partition("=")
         if not folder:
