@@ -12,7 +12,10 @@ stage code as ``benchmarks/transfer.py``, in the work folder ``<work>/supervised
    entropy of those shares: the loss of a model that knows only the priors;
 3. the trained model's BCE and per-finding AUROC on one *fresh* epoch of crops of the same studies;
 4. the lesion-probe AUROC per size stratum of ``supervised`` and ``random`` (``run_probe_stage`` without the study
-   probe: the benchmark's sites, split and probe).
+   probe: the benchmark's sites, split and probe);
+5. the trained finding head itself on those probe crops (no probe fitted, every split): AUROC of its largest focal
+   logit, lesion-centred crops vs their location-matched negatives. Near 0.5 while the fresh-epoch AUROC is high,
+   the head recognises its training studies rather than lesions.
 
 Writes ``benchmarks/results/supervised_fit.json`` (with the git revision and command).
 """
@@ -32,14 +35,17 @@ import torch
 
 from provenance import git_revision
 from t3d.checkpoint import latest_checkpoint, load_checkpoint
-from t3d.data.cache import write_json_atomic
+from t3d.data.cache import StudyCache, write_json_atomic
+from t3d.data.synthetic.findings import CSV_COLUMNS, FOCAL
+from t3d.evaluate.features import crop_features, frozen_encoder
+from t3d.evaluate.lesions import lesion_sites
 from t3d.losses import method_spec
 from t3d.metrics import auroc
 from t3d.pretrain.data import FindingTargets, build_dataset
 from t3d.pretrain.model import PretrainModel
 from transfer_config import load_transfer_config, run_stages
 from transfer_plan import Plan
-from transfer_probes import run_probe_stage
+from transfer_probes import probe_split, run_probe_stage
 from transfer_stages import fresh_folder, run_pretrain_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +93,31 @@ def fresh_epoch_fit(run_dir: Path, pcfg, targets: FindingTargets, dataset, epoch
     return {"bce": bce, "auroc": per, "crops": len(y)}
 
 
+@torch.no_grad()
+def head_on_probe_crops(run_dir: Path, plan: Plan, s, seed: int, thresholds: list[float]) -> dict:
+    """AUROC of the finding head's largest focal logit on the lesion probe's crops, per size stratum."""
+    cache = plan.caches["probe"]
+    ids = [row["id"] for row in StudyCache(cache).index()]
+    enc = frozen_encoder(run_dir, seed=seed)
+    sites = lesion_sites(
+        cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, s.seed, probe_split(ids, s)
+    )
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    classes = state["finding_classes"]
+    w, b = state["model"]["finding_head.weight"], state["model"]["finding_head.bias"]
+    logits = crop_features(enc, cache, sites) @ w.T.float() + b.float()
+    focal = [classes.index(CSV_COLUMNS[k]) for k in FOCAL]
+    score = logits[:, focal].max(dim=1).values.numpy()
+    y = np.array([site.label for site in sites])
+    diameter = np.array([site.diameter_mm for site in sites])
+    edges = [0.0, *thresholds, np.inf]
+    out = {"sites": len(sites), "positives": int(y.sum())}
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        keep = (diameter >= lo) & (diameter < hi)
+        out[f"{lo:g}-{hi:g} mm"] = auroc(y[keep], score[keep])
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "benchmarks" / "transfer_gate_smoke.yaml"))
@@ -118,6 +149,7 @@ def main(argv: list[str]) -> int:
         res = run_probe_stage(ckpt, plan.pretrain_config("t3d", args.seed), cfg.probes, plan.caches["probe"], "",
                               out, args.seed)  # fmt: skip
         probes[name] = {"lesion": res["lesion"]["strata"], "voxel_stats": res["lesion_voxel_stats"]["strata"]}
+    head = head_on_probe_crops(run_dir, plan, cfg.probes, args.seed, cfg.probes.size_thresholds_mm)
     summary = {
         "revision": git_revision(),
         "command": " ".join([Path(sys.argv[0]).name, *argv]),
@@ -133,10 +165,12 @@ def main(argv: list[str]) -> int:
         "target_crops": len(y),
         "fresh_epoch": fit,
         "lesion_probe": probes,
+        "head_on_probe_crops": head,
     }  # fmt: skip
     write_json_atomic(Path(args.output), json.loads(json.dumps(summary, default=float)))
     print(json.dumps({k: summary[k] for k in ("train", "train_bce_last_window", "base_rate_bce")}, indent=1))
     print(json.dumps({"fresh_epoch": fit, "lesion": {k: v["lesion"] for k, v in probes.items()}}, indent=1))
+    print(json.dumps({"head_on_probe_crops": head}, indent=1))
     return 0
 
 
