@@ -148,8 +148,9 @@ class FindingTargets:
     A finding with a label class of its own (``local_finding_labels``) is positive for a crop when the crop holds at
     least ``data.finding_min_voxels`` voxels of that class (the batch's ``label_voxels``, counted by the dataset in
     the study's label map); every other finding is the study's label for each of its crops. A study without a label
-    map is an error rather than a silent fall-back to study labels: that control fits only the class priors at CPU
-    budgets (docs/results/2026-12-01-gate-diagnosis.md), so it would not be the upper reference it claims to be."""
+    map is an error rather than a silent fall-back to study labels: a study-level target is a weak signal for a
+    lesion that is a few voxels of one crop of many, so that control would not be the upper reference it claims to
+    be (``data.finding_targets: study`` asks for it explicitly)."""
 
     def __init__(self, cfg: PretrainConfig, dataset, device):
         ids, self.classes, y = read_findings(cfg.data.findings)
