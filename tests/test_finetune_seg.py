@@ -77,6 +77,16 @@ def test_patches_are_deterministic_and_find_the_small_lesion(dataset, shared_cac
     with_lesion = sum(bool((ds[i]["label"] == 2).any()) for i in range(20))
     assert with_lesion >= 6
     assert 0.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    # Flips only along flip_axes (default AP, never LR: sided labels), image and label together.
+    kw = {"pos_fraction": 1.0, "flip_prob": 1.0, "length": 20}
+    plain = PatchDataset(cache, list(keys.values()), cfg.windows, CROP, flip_axes=(), **kw)[3]
+    ap = PatchDataset(cache, list(keys.values()), cfg.windows, CROP, **kw)[3]
+    every = PatchDataset(cache, list(keys.values()), cfg.windows, CROP, flip_axes=("LR", "AP", "SI"), **kw)[3]
+    for key in ("image", "label"):
+        assert torch.equal(ap[key], plain[key].flip(2))  # (C, X, Y, Z): Y is AP
+        assert torch.equal(every[key], plain[key].flip(1, 2, 3))
+    with pytest.raises(ConfigError, match="flip_axes"):
+        SegConfig(flip_axes=("left",))
 
 
 def write_pretrain_config_preprocess():

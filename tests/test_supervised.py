@@ -11,11 +11,12 @@ import torch
 
 from pretrain_helpers import pretrain_args, read_log
 from t3d.cli import main as cli_main
-from t3d.config import ConfigError, DataConfig, PretrainConfig, load_config
+from t3d.config import ConfigError, CropConfig, DataConfig, PreprocessConfig, PretrainConfig, load_config
 from t3d.data.crops import CropDataset
-from t3d.data.targets import read_findings
+from t3d.data.preprocess import preprocess_manifest
+from t3d.data.targets import finding_label_classes, read_findings
 from t3d.losses import PretrainObjective, method_spec
-from t3d.pretrain.data import FindingTargets
+from t3d.pretrain.data import FindingTargets, build_dataset, local_finding_labels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,14 +61,108 @@ def test_supervised_control_trains_on_the_findings(tiny_cache, tmp_path):
     assert state["finding_classes"] == read_findings(gt)[1]
     cfg = load_config(PretrainConfig, run / "config.yaml")
     assert PretrainObjective(cfg.loss, method_spec("supervised")).term_names() == ["findings", "loss"]
-    # Targets follow the cache rows of the batch, not the dataset order.
+    # Targets follow the cache rows of the batch, not the dataset order (the organ-level findings: study labels).
     targets = FindingTargets(cfg, CropDataset(tiny_cache.cache, cfg.crops), torch.device("cpu"))
-    ids, _, y = read_findings(gt)
+    ids, classes, y = read_findings(gt)
     batch_rows = torch.tensor([3, 0])
     index = [row["id"] for row in json_rows(tiny_cache.cache)]
+    batch = {"index": batch_rows, "views": torch.zeros(2, 1), "label_voxels": torch.zeros(2, 1, 2, len(LOCAL))}
     expected = np.stack([y[ids.index(index[3])], y[ids.index(index[0])]])
-    assert np.array_equal(targets.for_batch({"index": batch_rows}).numpy(), expected)
+    study_level = [classes.index(c) for c in classes if c not in LOCAL]
+    got = targets.for_batch(batch)
+    assert got.shape == (2, 1, len(classes))
+    assert np.array_equal(got[:, 0, study_level].numpy(), expected[:, study_level])
+    assert not got[:, :, [classes.index(c) for c in LOCAL]].any()  # no lesion voxel in either crop
+
+
+LOCAL = {"Liver lesion": 9, "Renal cyst": 10, "Lung nodule": 11, "Kidney stone": 12, "Pleural effusion": 13}
 
 
 def json_rows(cache):
     return [json.loads(line) for line in (cache / "index.jsonl").read_text().splitlines() if line.strip()]
+
+
+def supervised_config(cache, findings, **data) -> PretrainConfig:
+    crops = CropConfig(size=(32, 32, 32), sites=2)
+    return PretrainConfig(method="supervised", data=DataConfig(cache=str(cache), findings=str(findings), **data),
+                          crops=crops)  # fmt: skip
+
+
+def test_per_crop_targets_come_from_the_label_map(tiny_cache):
+    """A focal finding is a crop's target exactly when the crop holds voxels of its label class; organ-level
+    findings (no label class) stay the study's label."""
+    cfg = supervised_config(tiny_cache.cache, tiny_cache.data / "ground_truth.jsonl")
+    assert local_finding_labels(cfg) == LOCAL
+    ds = build_dataset(cfg, method_spec("supervised"))
+    assert ds.count_labels == tuple(LOCAL.values())
+    check = CropDataset(tiny_cache.cache, cfg.crops, with_labels=True, count_labels=ds.count_labels)
+    targets = FindingTargets(cfg, ds, torch.device("cpu"))
+    ids, classes, y = read_findings(cfg.data.findings)
+    seen = {True: 0, False: 0}
+    for epoch in range(8):
+        check.set_epoch(epoch)
+        for i in range(len(check)):
+            item = check[i]
+            counts = torch.stack([(item["labels"][:, 0] == v).flatten(1).sum(1) for v in LOCAL.values()], dim=-1)
+            assert torch.equal(item["label_voxels"][:, 0], counts)  # (K, J) voxels of each class in view 0
+            batch = {k: v[None] if torch.is_tensor(v) else v for k, v in item.items()}
+            batch["index"] = torch.tensor([item["index"]])
+            got = targets.for_batch(batch)[0]  # (K, L)
+            study = torch.from_numpy(y[ids.index(item["id"])])
+            for name, value in LOCAL.items():
+                inside = (item["labels"][:, 0] == value).flatten(1).any(1)
+                assert torch.equal(got[:, classes.index(name)], inside.float())
+                if study[classes.index(name)]:
+                    seen[True] += int(inside.sum())
+                    seen[False] += int((~inside).sum())
+            for name in ("Splenomegaly", "Hepatic steatosis"):
+                assert torch.equal(got[:, classes.index(name)], study[classes.index(name)].expand(cfg.crops.sites))
+    assert seen[True] and seen[False], seen  # crops with and without the lesion of a positive study were checked
+
+
+def test_min_voxels_and_study_targets(tiny_cache):
+    gt = tiny_cache.data / "ground_truth.jsonl"
+    ds = CropDataset(tiny_cache.cache, CropConfig(size=(32, 32, 32), sites=2))
+    ids, classes, y = read_findings(gt)
+    row, study_id = next((n, r["id"]) for n, r in ds.studies if y[ids.index(r["id"])].any())
+    voxels = torch.zeros(1, 2, 2, len(LOCAL), dtype=torch.long)
+    voxels[0, 0, 0, 2] = 3  # site 0 holds 3 voxels of the lung-nodule class, site 1 none
+    batch = {"index": torch.tensor([row]), "views": torch.zeros(1, 2), "label_voxels": voxels}
+    nodule = classes.index("Lung nodule")
+    for min_voxels, expected in ((1, [1.0, 0.0]), (3, [1.0, 0.0]), (4, [0.0, 0.0])):
+        cfg = supervised_config(tiny_cache.cache, gt, finding_min_voxels=min_voxels)
+        assert FindingTargets(cfg, ds, torch.device("cpu")).for_batch(batch)[0, :, nodule].tolist() == expected
+    # finding_targets=study: every crop gets the study's findings whatever its label voxels.
+    cfg = supervised_config(tiny_cache.cache, gt, finding_targets="study")
+    got = FindingTargets(cfg, ds, torch.device("cpu")).for_batch(batch)[0]
+    assert np.array_equal(got.numpy(), np.stack([y[ids.index(study_id)]] * 2))
+
+
+def test_label_maps_missing_is_an_error_naming_the_fix(tiny_cache, tmp_path):
+    rows = [json.loads(line) for line in (tiny_cache.data / "reports.jsonl").read_text().splitlines()][:3]
+    manifest = tmp_path / "nolabels.jsonl"
+    keep = ("id", "image", "findings", "impression")
+    manifest.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
+    cache = tmp_path / "cache"
+    preprocess_manifest(manifest, cache, PreprocessConfig(spacing=None, min_size=(32, 32, 32)), root=tiny_cache.data,
+                        progress=False)  # fmt: skip
+    gt = tiny_cache.data / "ground_truth.jsonl"
+    cfg = supervised_config(cache, gt)
+    ds = CropDataset(cache, cfg.crops)
+    with pytest.raises(ValueError, match="no label map in the cache .*data.finding_targets=study"):
+        FindingTargets(cfg, ds, torch.device("cpu"))
+    with pytest.raises(ValueError, match="no label map for it"):
+        build_dataset(cfg, method_spec("supervised"))[0]
+    FindingTargets(supervised_config(cache, gt, finding_targets="study"), ds, torch.device("cpu"))
+
+
+def test_finding_label_config_is_checked(tiny_cache):
+    csv_path = tiny_cache.data / "findings.csv"
+    _, classes, _ = read_findings(csv_path)
+    assert finding_label_classes(csv_path, classes) == {}  # a CSV names no label classes by itself
+    assert finding_label_classes(csv_path, classes, {"Lung nodule": 11}) == {"Lung nodule": 11}
+    with pytest.raises(ValueError, match="does not have: Nodule"):
+        finding_label_classes(csv_path, classes, {"Nodule": 11})
+    for bad in ({"finding_targets": "voxel"}, {"finding_min_voxels": 0}, {"finding_labels": {"Lung nodule": 0}}):
+        with pytest.raises(ConfigError, match="data.finding"):
+            DataConfig(**bad)

@@ -287,7 +287,8 @@ def test_splits_are_disjoint_complete_and_match_the_manifests(dataset):
     pretrain = [json.loads(line) for line in (out / "pretrain.jsonl").read_text().splitlines()]
     assert [r["id"] for r in pretrain] == splits["pretrain"]
     for r in pretrain:
-        assert set(r) == {"id", "image", "findings", "impression"} and (out / r["image"]).is_file()
+        assert set(r) == {"id", "image", "label", "findings", "impression"} and (out / r["image"]).is_file()
+        assert (out / r["label"]).is_file()
         assert r["findings"] and r["impression"]
     reports = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
     assert {r["id"]: r["split"] for r in reports} == {i: k for k, v in splits.items() for i in v}

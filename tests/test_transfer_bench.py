@@ -283,7 +283,9 @@ def test_benchmark_configs_load_and_plan(name, smoke, tmp_path):
     seg = by_name[f"seed{cfg.seeds[0]}/random/seg f={cfg.fractions[0]:g}"]
     assert seg.meta["finetune_seed"] == cfg.seeds[0] + cfg.finetune_seed_offset != cfg.seeds[0]
     if not smoke and name == "transfer_cpu.yaml":
-        assert len(cfg.seeds) >= 3 and len(cfg.ablation_seeds) >= 1 and len(cfg.fractions) == 2
+        # One seed and no ablations: with segmentation at a budget where random reaches organ Dice 0.6, more do not
+        # fit the 2 h of --jobs 2 on 2 cores (the estimate is in the file's header).
+        assert len(cfg.seeds) >= 1 and len(cfg.fractions) == 2 and min(cfg.fractions) < 1
         assert {"vssl", "clip", "t3d"} <= set(cfg.main_methods) and "random" not in cfg.main_methods
         assert cfg.pretrain["train"]["batch_size"] >= 16  # the contrastive batch of docs/method.md §7
         n = cfg.probes.data.num_studies

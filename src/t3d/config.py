@@ -178,8 +178,30 @@ class DataConfig:
     findings: str = ""
     """Ground-truth findings of the training studies, for the ``supervised`` control only: a findings CSV in the
     CT-RATE ``multi_abnormality_labels`` layout, or the ``ground_truth.jsonl`` of ``t3d synth``."""
+    finding_targets: str = "crop"
+    """``supervised`` control: ``crop`` = a finding with a label class of its own (``finding_labels``) is a target
+    of each crop that holds at least ``finding_min_voxels`` voxels of that class in the study's label map (which
+    the cache must then hold); the other findings keep the study label. ``study`` = every crop gets the study's
+    findings (no label maps needed; a weaker control: a small lesion is a few voxels of one crop of many)."""
+    finding_labels: dict[str, int] = field(default_factory=dict)
+    """Finding name (as the findings file names it) -> its label value in the label maps, for ``finding_targets:
+    crop``. Empty with a ``ground_truth.jsonl``: the lesion classes of ``t3d synth`` (liver lesion 9, renal cyst 10,
+    lung nodule 11, kidney stone 12, pleural effusion 13); empty with a CSV: every finding keeps the study label."""
+    finding_min_voxels: int = 1
+    """Label voxels of a finding's class that make a crop positive for it. 1: the smallest synthetic nodules own a
+    single voxel, so any higher count would call a crop holding a whole nodule negative."""
     workers: int = 2
     """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.finding_targets", self.finding_targets, ("crop", "study"))
+        if self.finding_min_voxels < 1:
+            raise ConfigError(f"data.finding_min_voxels must be >= 1, got {self.finding_min_voxels}")
+        bad = {k: v for k, v in self.finding_labels.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1}
+        if bad:
+            raise ConfigError(
+                f"data.finding_labels maps finding names to label values >= 1 (the class in the label maps); got {bad}"
+            )
 
 
 @dataclass

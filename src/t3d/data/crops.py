@@ -154,11 +154,14 @@ class CropDataset(Dataset):
         seed: base seed; item ``i`` of epoch ``e`` draws from ``SeedSequence([seed, e, i])``.
         epoch_length: dataset length; indices wrap modulo the number of studies (default: one item per study).
         with_labels: also return the label map at the same positions (``label.npy`` must exist).
+        count_labels: label values whose voxels are counted in every view (``label.npy`` must exist): the per-crop
+            targets of the ``supervised`` control, without shipping whole label crops.
 
     Item: ``{"views": float32 (K, 2, C, D, H, W), "index": int (row of index.jsonl, for text-feature lookup),
     "id": str, "centers": int64 (K, 2, 3) voxel centres in the cached volume}``, plus ``"labels": uint8
-    (K, 2, 1, D, H, W)`` with ``with_labels``. D, H, W follow the cache's X, Y, Z (RAS) axes. Views are in [0, 1]
-    before intensity jitter, "[0, 1]-ish" after.
+    (K, 2, 1, D, H, W)`` with ``with_labels`` and ``"label_voxels": int64 (K, 2, len(count_labels))`` with
+    ``count_labels``. D, H, W follow the cache's X, Y, Z (RAS) axes. Views are in [0, 1] before intensity jitter,
+    "[0, 1]-ish" after.
     """
 
     def __init__(
@@ -169,6 +172,7 @@ class CropDataset(Dataset):
         seed: int = 0,
         epoch_length: int | None = None,
         with_labels: bool = False,
+        count_labels: Sequence[int] = (),
     ):
         if epoch_length is not None and epoch_length < 1:
             raise ValueError(f"epoch_length must be >= 1 or None, got {epoch_length}")
@@ -178,6 +182,7 @@ class CropDataset(Dataset):
         self.seed = int(seed)
         self.epoch_length = epoch_length
         self.with_labels = with_labels
+        self.count_labels = tuple(int(v) for v in count_labels)
         # Shared memory: set_epoch in the main process is seen by (persistent) DataLoader workers too.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self._open: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -220,8 +225,13 @@ class CropDataset(Dataset):
                 apply_windows(hu, window_params(self.cfg.windows, scale[s, v], shift[s, v]), views[s, v])
         item = {"views": torch.from_numpy(views), "index": row_number, "id": row["id"]}
         item["centers"] = torch.from_numpy(centres.astype(np.int64))
-        if self.with_labels:
-            item["labels"] = torch.from_numpy(self._labels(key, row["id"], starts, flips))
+        if self.with_labels or self.count_labels:
+            labels = self._labels(key, row["id"], starts, flips)
+            if self.with_labels:
+                item["labels"] = torch.from_numpy(labels)
+            if self.count_labels:
+                counts = [np.count_nonzero(labels == v, axis=(2, 3, 4, 5)) for v in self.count_labels]
+                item["label_voxels"] = torch.from_numpy(np.stack(counts, axis=-1).astype(np.int64))
         return item
 
     def study(self, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -271,8 +281,9 @@ class CropDataset(Dataset):
         label = self.cache.label(key)
         if label is None:
             raise ValueError(
-                f"study '{study_id}': with_labels=True but the cache has no label map for it "
-                f"({self.cache.studies / key / 'label.npy'}); preprocess with a label column or drop with_labels"
+                f"study '{study_id}': label crops were asked for (with_labels / count_labels) but the cache has no "
+                f"label map for it ({self.cache.studies / key / 'label.npy'}); preprocess a manifest with a label "
+                "column, or ask for no labels"
             )
         out = np.empty((*starts.shape[:2], 1, *self.cfg.size), dtype=np.uint8)  # (K, 2, 1, D, H, W)
         for s in range(starts.shape[0]):

@@ -89,6 +89,10 @@ class FinetuneConfig:
 # ----------------------------------------------------------------------------------------------- segmentation
 
 
+SEG_FLIP_AXES = ("LR", "AP", "SI")
+"""The cache's axes X, Y, Z (RAS) by anatomical direction, in that order."""
+
+
 def check_seg_crop(size: tuple[int, ...], name: str) -> None:
     """Segmentation patches: multiples of 32 (five stride-2 stages), at least one side >= 64: the decoder's instance
     norm at stride 32 needs more than one voxel (a one-voxel map normalises to zeros, and PyTorch refuses it)."""
@@ -113,7 +117,12 @@ class SegConfig(FinetuneConfig):
     """Share of patches centred on a labelled voxel; the class is drawn uniformly among the classes present so
     small lesions are sampled as often as large organs. The rest are centred on random body voxels."""
     flip_prob: float = 0.5
-    """Per-axis flip probability of training patches (image and label together)."""
+    """Flip probability per allowed axis (``flip_axes``) of training patches (image and label together)."""
+    flip_axes: tuple[str, ...] = ("AP",)
+    """Axes a training patch may be flipped along (``LR``, ``AP``, ``SI`` of the RAS cache). No ``LR`` by default:
+    a left-right flip keeps the label of a left organ (left lung, left kidney) on what now looks like the right one,
+    which no patch-level network can resolve; add it only for label maps without sided classes. ``AP`` only, as in
+    pre-training (``crops.flip_axes``): test volumes are never flipped. Empty = no flips."""
     dice_weight: float = 1.0
     """Weight of the soft Dice term of ``monai.losses.DiceCELoss``."""
     ce_weight: float = 1.0
@@ -140,6 +149,9 @@ class SegConfig(FinetuneConfig):
             check_seg_crop(self.crop_size, "crop_size")
         if not 0 <= self.pos_fraction <= 1 or not 0 <= self.flip_prob <= 1:
             raise ConfigError("pos_fraction and flip_prob must be probabilities in [0, 1]")
+        unknown = [a for a in self.flip_axes if a not in SEG_FLIP_AXES]
+        if unknown:
+            raise ConfigError(f"flip_axes entries must be among {', '.join(SEG_FLIP_AXES)}; got {unknown}")
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.sw_batch_size < 1:

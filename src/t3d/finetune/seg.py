@@ -224,6 +224,7 @@ def train(net: nn.Module, run: SegRun, keyed: dict[str, list[str]]) -> tuple[lis
         cfg.flip_prob,
         cfg.seed,
         length=cfg.steps * cfg.batch_size,
+        flip_axes=cfg.flip_axes,
     )
     loader = DataLoader(
         data, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda"

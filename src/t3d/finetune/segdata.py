@@ -152,6 +152,7 @@ class PatchDataset(Dataset):
         flip_prob: float = 0.5,
         seed: int = 0,
         length: int = 1000,
+        flip_axes: Sequence[str] = ("AP",),
     ) -> None:
         if not keys:
             raise ValueError("PatchDataset needs at least one cached study")
@@ -159,6 +160,7 @@ class PatchDataset(Dataset):
         self.windows = tuple(tuple(w) for w in windows)
         self.size = tuple(int(s) for s in size)
         self.pos_fraction, self.flip_prob, self.seed, self.length = pos_fraction, flip_prob, seed, length
+        self.flip_mask = np.array([axis in flip_axes for axis in ("LR", "AP", "SI")])
         self._points: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -193,7 +195,7 @@ class PatchDataset(Dataset):
         centre = pts[rng.integers(len(pts))] if len(pts) else rng.integers(0, shape)
         lo, hi = centre_bounds(shape, self.size)
         start = np.clip(centre, lo, hi) - np.asarray(self.size) // 2
-        flips = rng.random(3) < self.flip_prob
+        flips = (rng.random(3) < self.flip_prob) & self.flip_mask  # never LR by default (sided labels)
         hu = np.empty((len(self.windows), *self.size), dtype=np.float32)  # (C, D, H, W)
         read_crop(image, start, hu[0], flips, fill=AIR_HU)
         apply_windows(hu[0], window_params(self.windows), hu)

@@ -5,7 +5,8 @@
 
 ``random`` (no pre-training) is not a pre-training method and has no row. ``supervised`` is a *control*, not a
 competitor: the same encoder and crop pipeline trained on the ground-truth findings of the pre-training studies
-(multi-label BCE of a linear head on the mean of the study's crop features), an upper reference of what the encoder
+(multi-label BCE of a linear head on each crop's features; a finding with a label class of its own is a target of
+the crops that hold its voxels, see ``t3d.pretrain.data.FindingTargets``), an upper reference of what the encoder
 can learn from these studies; benchmarks list it apart from the methods.
 """
 
@@ -34,7 +35,7 @@ class MethodSpec:
     whole_volume: bool = False
     """Input is the whole volume resized to ``clip.grid`` instead of crops (the ``clip`` baseline)."""
     findings: bool = False
-    """Multi-label BCE on the study's ground-truth findings (``data.findings``): the ``supervised`` control."""
+    """Multi-label BCE on each crop's ground-truth findings (``data.findings``): the ``supervised`` control."""
     tiles: bool = False
     """The study embedding of L_align pools a fixed grid of full-resolution tiles covering the body (``tiles``
     config; GradCache step) instead of averaging the random crop sites; L_view and TIR stay on the crop views."""

@@ -17,7 +17,8 @@ The model returns a dict of tensors (this rank's B studies, K sites, 2 views eac
 - ``logit_scale`` optional scalar tensor, the learnable 1/τ of L_align (``log_scale.exp()``); it belongs in the
   model so DDP averages its gradient like any other parameter. Absent: fixed 1 / ``loss.tau_align``;
 - ``restored`` / ``target`` (N, C, D, H, W), ``mask`` (N, 1, D, H, W) bool, True = hidden — for TIR;
-- ``finding_logits`` / ``finding_targets`` (B, L) — for the ``supervised`` control's multi-label BCE.
+- ``finding_logits`` / ``finding_targets`` (B, K, L) per crop site (any matching shape is accepted) — for the
+  ``supervised`` control's multi-label BCE, the mean over crops and findings.
 
 Returned keys: only the terms the method uses (``view``, ``align``, ``tcl``, ``restore``), ``loss``, and the
 diagnostics ``target_self_prob`` (mean diagonal of Y) and ``target_entropy`` (mean row entropy H(Y), the floor of

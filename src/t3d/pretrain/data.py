@@ -13,7 +13,7 @@ from t3d import distributed as dist
 from t3d.config import PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.data.crops import CropDataset, WholeVolumeDataset
-from t3d.data.targets import read_findings
+from t3d.data.targets import finding_label_classes, read_findings
 from t3d.data.tiles import TiledCropDataset
 from t3d.losses import MethodSpec, near_duplicate_share, target_entropy, text_affinity_targets
 from t3d.text import clean_report, load_text_features, split_sections
@@ -43,7 +43,17 @@ def build_dataset(cfg: PretrainConfig, spec: MethodSpec):
         )
     if spec.tiles:
         return TiledCropDataset(cfg.data.cache, cfg.crops, cfg.tiles, ids=ids, seed=cfg.seed)
-    return CropDataset(cfg.data.cache, cfg.crops, ids=ids, seed=cfg.seed)
+    counted = tuple(local_finding_labels(cfg).values()) if spec.findings else ()
+    return CropDataset(cfg.data.cache, cfg.crops, ids=ids, seed=cfg.seed, count_labels=counted)
+
+
+def local_finding_labels(cfg: PretrainConfig) -> dict[str, int]:
+    """Finding name -> label value of the findings that the ``supervised`` control targets per crop (empty for
+    ``data.finding_targets: study``)."""
+    if cfg.data.finding_targets == "study":
+        return {}
+    _, classes, _ = read_findings(cfg.data.findings)
+    return finding_label_classes(cfg.data.findings, classes, cfg.data.finding_labels)
 
 
 def report_text(row: dict, sections: str) -> str:
@@ -132,8 +142,15 @@ def build_text_lookup(cfg: PretrainConfig, spec: MethodSpec, dataset, device) ->
 
 
 class FindingTargets:
-    """Ground-truth findings of the training studies (``data.findings``), indexed by cache-index row: the targets
-    of the ``supervised`` control."""
+    """Per-crop targets of the ``supervised`` control from the ground-truth findings of the training studies
+    (``data.findings``), indexed by cache-index row.
+
+    A finding with a label class of its own (``local_finding_labels``) is positive for a crop when the crop holds at
+    least ``data.finding_min_voxels`` voxels of that class (the batch's ``label_voxels``, counted by the dataset in
+    the study's label map); every other finding is the study's label for each of its crops. A study without a label
+    map is an error rather than a silent fall-back to study labels: a study-level target is a weak signal for a
+    lesion that is a few voxels of one crop of many, so that control would not be the upper reference it claims to
+    be (``data.finding_targets: study`` asks for it explicitly)."""
 
     def __init__(self, cfg: PretrainConfig, dataset, device):
         ids, self.classes, y = read_findings(cfg.data.findings)
@@ -149,13 +166,43 @@ class FindingTargets:
             if study in row_of:
                 self.y[row_of[study]] = torch.from_numpy(labels)
         self.y = self.y.to(device)
+        self.local = local_finding_labels(cfg)
+        self.columns = torch.tensor([self.classes.index(name) for name in self.local], dtype=torch.long)
+        self.min_voxels = cfg.data.finding_min_voxels
+        if self.local:
+            _check_label_maps(cfg, dataset, self.local)
+        elif cfg.data.finding_targets == "crop":
+            log.warning(
+                "supervised control: no finding of %s has a label class (data.finding_labels is empty), so every "
+                "finding is a study-level target of each crop",
+                cfg.data.findings,
+            )
         log.info(
-            "supervised control: %d findings (%s) for %d studies",
+            "supervised control: %d findings (%s) for %d studies; per crop from the label maps: %s",
             len(self.classes),
             ", ".join(self.classes),
             len(row_of),
+            ", ".join(f"{k} (label {v})" for k, v in self.local.items()) or "none",
         )
 
     def for_batch(self, batch: dict) -> torch.Tensor:
-        """(B, L) 0/1 targets of the batch's studies."""
-        return self.y[batch["index"].to(self.y.device)]
+        """(B, K, L) 0/1 targets of the batch's K crop sites (view 0, the one the control encodes)."""
+        study = self.y[batch["index"].to(self.y.device)]  # (B, L)
+        k = batch["views"].shape[1]
+        y = study[:, None].repeat(1, k, 1)
+        if self.local:
+            voxels = batch["label_voxels"][:, :, 0].to(self.y.device)  # (B, K, J)
+            y[:, :, self.columns.to(self.y.device)] = (voxels >= self.min_voxels).to(y.dtype)
+        return y
+
+
+def _check_label_maps(cfg: PretrainConfig, dataset, local: dict[str, int]) -> None:
+    studies = dataset.cache.studies
+    unlabelled = [row["id"] for _, row in dataset.studies if not (studies / row["key"] / "label.npy").is_file()]
+    if unlabelled:
+        raise ValueError(
+            f"method=supervised targets {', '.join(local)} per crop from the label maps, but {len(unlabelled)} of "
+            f"{len(dataset.studies)} training studies have no label map in the cache {cfg.data.cache} (e.g. "
+            f"{unlabelled[0]}): add a label column to {cfg.data.manifest or 'the manifest'} and preprocess again, or "
+            "set data.finding_targets=study to train every crop on its study's findings (a weaker control)"
+        )

@@ -36,7 +36,7 @@ class PretrainModel(nn.Module):
 
     ``text_dim``: width Et of the frozen report embedding. Frozen text features are inputs, not submodules: they
     are computed once and cached (``t3d.text``), so training never runs the text encoder. ``num_findings``: L, the
-    findings the ``supervised`` control predicts (its linear ``finding_head``; unused by the other methods).
+    findings the ``supervised`` control predicts per crop (its linear ``finding_head``; unused by the other methods).
     """
 
     def __init__(self, cfg: PretrainConfig, spec: MethodSpec, text_dim: int, num_findings: int = 0):
@@ -146,9 +146,9 @@ class PretrainModel(nn.Module):
             out["restored"] = self.decoder(picked, cond=cond, tokens=tokens, token_mask=token_mask)
             out["target"], out["mask"] = x[restore_idx], mask
         if self.finding_head is not None:
-            # Study-level targets: the mean of the features of all its crops meets its findings.
-            out["finding_logits"] = self.finding_head(pooled.view(b, k * v, -1).mean(dim=1))  # (B, L)
-            out["finding_targets"] = text["findings"]
+            # Per-crop targets (pretrain.data.FindingTargets): each site's first view meets what that crop holds.
+            out["finding_logits"] = self.finding_head(pooled[:, :, 0])  # (B, K, L)
+            out["finding_targets"] = text["findings"]  # (B, K, L)
         self._text_outputs(out, text)
         return out
 

@@ -7,8 +7,8 @@ Folder layout (study ids ``synth_0000``, ``synth_0001``, ...)::
     DIR/images/<id>.nii.gz   int16 HU, RAS+ affine diag(+spacing) (+x = patient right), centred on the world origin
     DIR/labels/<id>.nii.gz   uint8 label map on the same grid (names in dataset.json "labels")
     DIR/meta/<id>.json       per-study record (report + ground truth); written last, it marks the study done
-    DIR/pretrain.jsonl       {"id", "image", "findings", "impression"} of the *pretrain* split only
-    DIR/reports.jsonl        the same for every study, plus "label" and "split" (retrieval / zero-shot evaluation)
+    DIR/pretrain.jsonl       {"id", "image", "label", "findings", "impression"} of the *pretrain* split only
+    DIR/reports.jsonl        the same for every study, plus "split" (retrieval / zero-shot evaluation)
     DIR/dataset.json         MSD layout: training = finetune split, test = test split (both with labels)
     DIR/findings.csv         CT-RATE multi_abnormality_labels layout: VolumeName, one 0/1 column per finding
     DIR/splits.json          {"pretrain", "finetune", "test"}: 60/20/20, disjoint, a permutation drawn from the seed
@@ -171,9 +171,12 @@ def _write_summaries(out: Path, records: list[dict], splits: dict[str, list[str]
         r["id"]: {"id": r["id"], "image": r["image"], "findings": r["findings"], "impression": r["impression"]}
         for r in records
     }
-    lines = [json.dumps(text[i]) for i in splits["pretrain"]]
+    label = {r["id"]: r["label"] for r in records}
+    # The pretrain split's label maps travel with its reports: preprocessing caches them, and the ``supervised``
+    # control reads per-crop lesion targets from them (the other methods never read labels).
+    lines = [json.dumps({**text[i], "label": label[i]}) for i in splits["pretrain"]]
     atomic_write(out / "pretrain.jsonl", "".join(line + "\n" for line in lines))
-    rows = [{**text[r["id"]], "label": r["label"], "split": split_of[r["id"]]} for r in records]
+    rows = [{**text[r["id"]], "label": label[r["id"]], "split": split_of[r["id"]]} for r in records]
     atomic_write(out / "reports.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
     atomic_write(out / "ground_truth.jsonl", "".join(json.dumps(r["ground_truth"]) + "\n" for r in records))
     atomic_write(out / "splits.json", json.dumps(splits, indent=1) + "\n")
