@@ -51,3 +51,12 @@ def test_every_config_file_loads():
     files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     for path in files:
         load_config(PretrainConfig, path)
+
+
+@pytest.mark.parametrize(
+    "old, new", [("t3d-tiles", "use method t3d "), ("t3d-sentence-tiles", "use method t3d-sentence ")]
+)
+def test_renamed_methods_are_errors_that_name_the_new_method(old, new):
+    with pytest.raises(ConfigError, match=f"{old}.*renamed.*{new}"):
+        load_config(PretrainConfig, None, ["--method", old])
+    assert load_config(PretrainConfig, None, ["--method", "t3d-crops"]).method == "t3d-crops"
