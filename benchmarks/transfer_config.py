@@ -86,15 +86,14 @@ class EvalSettings:
 
 
 @dataclass
-class ProbeData:
-    """Where the labelled probe studies come from: generated (``num_studies`` > 0) or a manifest of real ones."""
+class ProbeData(SyntheticData):
+    """Where the labelled probe studies come from: generated (``num_studies`` > 0, the ``t3d synth`` settings of
+    ``SyntheticData``) or a manifest of real ones."""
 
     num_studies: int = 600
     """Synthetic studies generated for the probes (0: use ``manifest``)."""
     seed: int = 1000
     """Generator seed: another seed than the pre-training data's, so no study is shared."""
-    preset: str = "small"
-    workers: int = 2
     manifest: str = ""
     """Real data (``num_studies: 0``): an MSD ``dataset.json`` (e.g. Task06_Lung, Task03_Liver; its labelled
     studies) or a manifest (JSONL/CSV) with ``id``, ``image`` and ``label`` columns."""

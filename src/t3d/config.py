@@ -89,6 +89,9 @@ DEFAULT_WINDOWS = ((-1000.0, 1000.0), (-160.0, 240.0))
 In the wide window alone a lesion 30-60 HU from its organ is a step of 0.015-0.03, below the typical restoration
 error; in the soft-tissue window (400 HU wide) it is 0.08-0.15, so restoring it is worth the decoder's while."""
 
+RAS_AXES = ("LR", "AP", "SI")
+"""The cache's X, Y, Z axes (RAS) by anatomical direction, in that order."""
+
 FLIP_AXES = ("AP", "SI")
 """Axes augmentation may flip (crop axes follow the cache's RAS X, Y, Z = LR, AP, SI)."""
 
@@ -158,7 +161,7 @@ class CropConfig:
     @property
     def flip_mask(self) -> tuple[bool, bool, bool]:
         """Per crop axis (X, Y, Z of the RAS cache = LR, AP, SI): may it be flipped."""
-        return tuple(name in self.flip_axes for name in ("LR", "AP", "SI"))
+        return tuple(name in self.flip_axes for name in RAS_AXES)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from t3d.config import DEFAULT_WINDOWS, ConfigError, ModelConfig, PreprocessConfig
+from t3d.config import DEFAULT_WINDOWS, RAS_AXES, ConfigError, ModelConfig, PreprocessConfig
 
 # ----------------------------------------------------------------------------------------------- shared
 
@@ -89,10 +89,6 @@ class FinetuneConfig:
 # ----------------------------------------------------------------------------------------------- segmentation
 
 
-SEG_FLIP_AXES = ("LR", "AP", "SI")
-"""The cache's axes X, Y, Z (RAS) by anatomical direction, in that order."""
-
-
 def check_seg_crop(size: tuple[int, ...], name: str) -> None:
     """Segmentation patches: multiples of 32 (five stride-2 stages), at least one side >= 64: the decoder's instance
     norm at stride 32 needs more than one voxel (a one-voxel map normalises to zeros, and PyTorch refuses it)."""
@@ -149,9 +145,9 @@ class SegConfig(FinetuneConfig):
             check_seg_crop(self.crop_size, "crop_size")
         if not 0 <= self.pos_fraction <= 1 or not 0 <= self.flip_prob <= 1:
             raise ConfigError("pos_fraction and flip_prob must be probabilities in [0, 1]")
-        unknown = [a for a in self.flip_axes if a not in SEG_FLIP_AXES]
+        unknown = [a for a in self.flip_axes if a not in RAS_AXES]
         if unknown:
-            raise ConfigError(f"flip_axes entries must be among {', '.join(SEG_FLIP_AXES)}; got {unknown}")
+            raise ConfigError(f"flip_axes entries must be among {', '.join(RAS_AXES)}; got {unknown}")
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.sw_batch_size < 1:

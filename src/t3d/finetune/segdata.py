@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from t3d.config import RAS_AXES
 from t3d.data.cache import AIR_HU, StudyCache
 from t3d.data.cases import SegCase, case_id
 from t3d.data.crops import apply_windows, centre_bounds, read_crop, window_params
@@ -160,7 +161,7 @@ class PatchDataset(Dataset):
         self.windows = tuple(tuple(w) for w in windows)
         self.size = tuple(int(s) for s in size)
         self.pos_fraction, self.flip_prob, self.seed, self.length = pos_fraction, flip_prob, seed, length
-        self.flip_mask = np.array([axis in flip_axes for axis in ("LR", "AP", "SI")])
+        self.flip_mask = np.array([axis in flip_axes for axis in RAS_AXES])
         self._points: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
 
     def __len__(self) -> int:

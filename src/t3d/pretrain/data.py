@@ -47,12 +47,13 @@ def build_dataset(cfg: PretrainConfig, spec: MethodSpec):
     return CropDataset(cfg.data.cache, cfg.crops, ids=ids, seed=cfg.seed, count_labels=counted)
 
 
-def local_finding_labels(cfg: PretrainConfig) -> dict[str, int]:
+def local_finding_labels(cfg: PretrainConfig, classes: list[str] | None = None) -> dict[str, int]:
     """Finding name -> label value of the findings that the ``supervised`` control targets per crop (empty for
-    ``data.finding_targets: study``)."""
+    ``data.finding_targets: study``). ``classes``: the findings file's class names, when already read."""
     if cfg.data.finding_targets == "study":
         return {}
-    _, classes, _ = read_findings(cfg.data.findings)
+    if classes is None:
+        _, classes, _ = read_findings(cfg.data.findings)
     return finding_label_classes(cfg.data.findings, classes, cfg.data.finding_labels)
 
 
@@ -166,7 +167,7 @@ class FindingTargets:
             if study in row_of:
                 self.y[row_of[study]] = torch.from_numpy(labels)
         self.y = self.y.to(device)
-        self.local = local_finding_labels(cfg)
+        self.local = local_finding_labels(cfg, self.classes)
         self.columns = torch.tensor([self.classes.index(name) for name in self.local], dtype=torch.long)
         self.min_voxels = cfg.data.finding_min_voxels
         if self.local:
