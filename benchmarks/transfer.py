@@ -53,7 +53,7 @@ def fingerprint(cfg: TransferConfig) -> dict[str, Any]:
     pre = ROOT / cfg.pretrain_config
     content = hashlib.sha256(pre.read_bytes()).hexdigest()[:16] if pre.is_file() else cfg.pretrain_config
     values = to_dict(cfg)
-    keep = ("data", "pretrain", "seg", "cls", "cls_finetune", "diagnostic_repeats")
+    keep = ("data", "pretrain", "method_pretrain", "seg", "cls", "cls_finetune", "diagnostic_repeats")
     return {"pretrain_config": content, **{k: values[k] for k in keep}}
 
 
@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.controls = [m for m in cfg.controls if m in keep]
         cfg.main_methods = [m for m in cfg.main_methods if m in keep]
         cfg.ablations = [m for m in cfg.ablations if m in keep]
+        cfg.method_pretrain = {m: v for m, v in cfg.method_pretrain.items() if m in keep}
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     plan = Plan(cfg, ROOT / cfg.work / cfg.name, command_line(argv), git_revision())

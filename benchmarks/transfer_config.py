@@ -154,6 +154,9 @@ class TransferConfig:
     """PretrainConfig YAML every method starts from (repository-relative)."""
     pretrain: dict = field(default_factory=dict)
     """PretrainConfig overrides (nested or dotted keys); method, seed, data paths and train.out are set per run."""
+    method_pretrain: dict = field(default_factory=dict)
+    """Per-method PretrainConfig overrides on top of ``pretrain`` ({method: {key: value}}), e.g. a longer budget for
+    the ``supervised`` control, whose per-crop targets need more steps than a contrastive batch does."""
     seg: dict = field(default_factory=dict)
     """SegConfig fields (``t3d finetune seg``); data, init, out, cache, fraction and seed are set per run."""
     cls: dict = field(default_factory=dict)

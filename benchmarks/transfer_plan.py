@@ -92,6 +92,9 @@ class Plan:
             if p.num_studies
             else ""
         )
+        unknown = sorted(set(cfg.method_pretrain) - {*cfg.controls, *cfg.main_methods, *cfg.ablations})
+        if unknown:
+            raise ValueError(f"method_pretrain names methods this configuration does not run: {', '.join(unknown)}")
         if not all((self.pretrain_manifest, self.seg_source, self.cls_labels, self.heldout_manifest)):
             raise ValueError(
                 "data.synthetic is null, so data.pretrain_manifest, data.seg_dataset, data.cls_labels and "
@@ -113,7 +116,7 @@ class Plan:
             fixed["data"].update(split_file=self.splits, split=self.cfg.data.pretrain_split)
         if method == "supervised":
             fixed["data"]["findings"] = self.pretrain_findings
-        overrides = flatten(self.cfg.pretrain) + flatten(fixed)
+        overrides = flatten(self.cfg.pretrain) + flatten(self.cfg.method_pretrain.get(method, {})) + flatten(fixed)
         return load_config(PretrainConfig, resolve(self.cfg.pretrain_config), overrides)
 
     def downstream_config(self, cls, fields: dict, method: str, seed: int, **run):

@@ -292,6 +292,22 @@ def test_benchmark_configs_load_and_plan(name, smoke, tmp_path):
         assert round(n * cfg.probes.test_fraction) >= 200 and n - round(n * cfg.probes.test_fraction) >= 400
 
 
+def test_method_pretrain_overrides_one_method_only(tmp_path):
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
+    cfg.method_pretrain = {"supervised": {"train": {"steps": 7, "lr": 0.5}}}
+    plan = Plan(cfg, tmp_path / cfg.name)
+    sup, t3d = plan.pretrain_config("supervised", 0), plan.pretrain_config("t3d", 0)
+    assert (sup.train.steps, sup.train.lr) == (7, 0.5)
+    assert (t3d.train.steps, t3d.train.lr) == (
+        cfg.pretrain["train"]["steps"],
+        cfg.pretrain["train"].get("lr", t3d.train.lr),
+    )
+    assert sup.train.batch_size == t3d.train.batch_size  # the rest of the shared budget stays
+    cfg.method_pretrain = {"t3d-hard": {"train": {"steps": 7}}}  # not run by this configuration: a typo, say so
+    with pytest.raises(ValueError, match="t3d-hard"):
+        Plan(cfg, tmp_path / cfg.name)
+
+
 def test_work_folder_refuses_other_settings(tmp_path):
     cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
     transfer.check_work_folder(tmp_path, cfg)
