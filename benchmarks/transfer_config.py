@@ -147,6 +147,8 @@ class TransferConfig:
     vssl_methods: list[str] = field(default_factory=lambda: ["vssl", "vssl-contrastive", "vssl-restore"])
     """Candidates for 'the best vSSL baseline' (chosen per metric and fraction by its mean)."""
     diagnostic_methods: list[str] = field(default_factory=lambda: ["t3d", "t3d-uncond"])
+    alignment_splits: list[str] = field(default_factory=lambda: ["finetune", "test"])
+    """Splits whose studies (never pre-trained on) measure the alignment gates of every joint-space run."""
     diagnostic_repeats: int = 1
     """Draws of crop sites and masks per held-out study in the text diagnostic."""
     data: DataPaths = field(default_factory=DataPaths)

@@ -18,11 +18,13 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+from alignment_gates import measure as measure_alignment
 from t3d.config import PretrainConfig, load_config, to_dict
-from t3d.data.cache import write_json_atomic
+from t3d.data.cache import StudyCache, write_json_atomic
 from t3d.data.cases import prepare_cache as prepare_seg_cache
 from t3d.data.labels import prepare_label_cache, read_labels
 from t3d.data.preprocess import preprocess_manifest
@@ -32,6 +34,7 @@ from t3d.evaluate.studies import prepare_cache as prepare_study_cache
 from t3d.evaluate.studies import read_split
 from t3d.finetune.config import ClsConfig, SegConfig
 from t3d.finetune.segdata import read_msd
+from transfer_claims import alignment_gates, claims
 from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space
 from transfer_figures import plot_align, plot_cells
 from transfer_probes import frozen_seg_cells, prepare_probe_data, probe_cells, run_probe_stage, sensitivity_gate
@@ -231,6 +234,8 @@ class Plan:
             Stage(f"seed{seed}/{method}/retrieval", run / "retrieval",
                   lambda: run_retrieval_stage(ret, self.heldout_manifest, self.heldout_root, n_boot, seed),
                   {"kind": "retrieval", **base}, needs),
+            Stage(f"seed{seed}/{method}/alignment", run / "alignment", lambda: self._alignment(method, seed),
+                  {"kind": "alignment", **base}, needs),
         ]  # fmt: skip
 
     def _make_data(self) -> dict:
@@ -271,6 +276,22 @@ class Plan:
         run = self.run_dir(method, seed) / "pretrain"
         return text_diagnostic(run, cache, ids, repeats=self.cfg.diagnostic_repeats, seed=seed)
 
+    def _alignment(self, method: str, seed: int) -> dict:
+        """The alignment gates of one joint-space run on the studies of ``alignment_splits`` (never pre-trained on)."""
+        pcfg, cache, e = self.pretrain_config(method, seed), self.caches["heldout"], self.cfg.evaluate
+        workers = self.cfg.preprocess_workers
+        prepare_study_cache(self.heldout_manifest, cache, pcfg.preprocess, root=self.heldout_root, workers=workers)
+        if self.splits:
+            ids = [i for split in self.cfg.alignment_splits for i in read_split(self.splits, split)]
+        else:
+            ids = [row["id"] for row in StudyCache(cache).index()]
+        truth = self.data / "ground_truth.jsonl" if self.data is not None else None
+        args = SimpleNamespace(
+            window=2, repeats=max(2, self.cfg.diagnostic_repeats), max_crops=e.max_crops, n_boot=e.n_boot, seed=seed,
+            ground_truth=str(truth) if truth is not None and truth.is_file() else None,
+        )  # fmt: skip
+        return measure_alignment(self.run_dir(method, seed) / "pretrain", cache, ids, args)
+
     # ------------------------------------------------------------------------------------------- report
 
     def finished(self) -> list[dict]:
@@ -294,6 +315,8 @@ class Plan:
         summary["gate"] = sensitivity_gate(results, thresholds, list(cfg.fractions), cfg.n_boot)
         summary["probes"] = probe_cells(results, methods, thresholds)
         summary["frozen_seg"] = frozen_seg_cells(table, methods, max(cfg.fractions), cfg.n_boot)
+        summary["alignment_gates"] = alignment_gates(results)
+        summary["claims"] = claims(results, thresholds, cfg.fractions, cfg.vssl_methods, summary["gate"], cfg.n_boot)
         summary["revision"], summary["command"] = summary["git_revision"], summary["command"]
         summary.update(name_png=self.output.name + ".png", name_align_png=self.output.name + "_align.png")
         self.output.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from t3d.evaluate.gate import NOT_SENSITIVE, gate_table
+from transfer_claims import alignment_table, claims_table
 from transfer_results import AUROC_METRICS, SEG_METRICS, ZS_METRIC
 from transfer_stats import dice_cell, seed_t_interval, wilcoxon_cases
 
@@ -305,6 +306,7 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
         *gate_lines(s),
         CI_NOTE.format(n_boot=s["config"]["n_boot"]),
         "",
+        *alignment_lines(s),
         "## Precondition: does L_align fall below log B?",
         "",
         *precondition_table(pretrain),
@@ -331,6 +333,8 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
     lines += ["## Paired comparisons (docs/method.md §7)", "", *comparison_table(s["comparisons"]), ""]
     full = max(float(f) for f in s["cells"]) if s["cells"] else 1.0
     lines += [*claim_lines(s["comparisons"], s.get("gate"), full), ""]
+    if s.get("claims") is not None:
+        lines += ["## The claims (docs/method.md §7; `claims` in the JSON)", "", *claims_table(s["claims"]), ""]
     retrieval = {(r["method"], r["seed"]): r for r in s["retrieval"]}
     lines += ["## Joint space: image-report retrieval on held-out studies", ""]
     lines += [*retrieval_table(retrieval), "", "(mean over seeds, Student-t 95 % interval across seeds)", ""]
@@ -360,5 +364,22 @@ def gate_lines(s: dict) -> list[str]:
         "pre-training (lower control). A metric is *sensitive* when supervised − random is at least 0.15 (AUROC) or "
         f"0.10 (Dice) with a 95 % interval excluding 0; greyed metrics are {NOT_SENSITIVE} and are not used for "
         "claims. Intervals: paired bootstrap over seeds and test cases (studies; lesion crops for the lesion probe).",
+        "",
+    ]
+
+
+def alignment_lines(s: dict) -> list[str]:
+    """The alignment gates of every joint-space run (``alignment_gates`` in the JSON)."""
+    if not s.get("alignment_gates"):
+        return []
+    return [
+        "## Alignment gates: does the text-informed term learn? (held-out studies, per run)",
+        "",
+        *alignment_table(s["alignment_gates"]),
+        "",
+        "Gates: L_align covers at least 30 % of the way from log B to its floor H(Y); image -> report R@5 interval "
+        "above chance (5 / N); mean pairwise cosine of held-out study embeddings below 0.9; restoring hidden lesion "
+        "voxels worse with a shuffled report than with the study's own (interval above 0; restoration methods only). "
+        "Same-findings R@5: the share of images whose 5 best reports include one with the image's own finding set.",
         "",
     ]
