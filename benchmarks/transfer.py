@@ -94,6 +94,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return p.parse_known_args(argv)
 
 
+def narrow(cfg: TransferConfig, methods: list[str]) -> None:
+    """Keep only ``methods`` in the method lists (``--methods``; a worker of ``--jobs``). The settings that decide what
+    a stage computes stay whole, so a worker's fingerprint is the full configuration's."""
+    keep = set(methods)
+    cfg.controls = [m for m in cfg.controls if m in keep]
+    cfg.main_methods = [m for m in cfg.main_methods if m in keep]
+    cfg.ablations = [m for m in cfg.ablations if m in keep]
+
+
 def method_cost(method: str, n_seeds: int) -> float:
     """Rough relative cost of a method's stages, to balance ``--jobs`` workers: the restoration decoder dominates
     pre-training (it restores one view per site with contrastive terms on, both views without: vssl-restore), and
@@ -182,11 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_transfer_config(args.config, args.smoke, overrides)
     if args.methods:
-        keep = set(args.methods.split(","))
-        cfg.controls = [m for m in cfg.controls if m in keep]
-        cfg.main_methods = [m for m in cfg.main_methods if m in keep]
-        cfg.ablations = [m for m in cfg.ablations if m in keep]
-        cfg.method_pretrain = {m: v for m, v in cfg.method_pretrain.items() if m in keep}
+        narrow(cfg, args.methods.split(","))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     plan = Plan(cfg, ROOT / cfg.work / cfg.name, command_line(argv), git_revision())

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from t3d.config import load_config
+from t3d.config import ConfigError, load_config
 from t3d.data.cache import write_json_atomic
 from t3d.losses import method_spec
 
@@ -200,6 +200,9 @@ def load_transfer_config(path: str | Path, smoke: bool = False, overrides: list[
     raw = yaml.safe_load(Path(path).read_text()) or {}
     extra = flatten(raw.get("smoke") or {}) if smoke else []
     cfg = load_config(TransferConfig, path, extra + list(overrides or []))
+    unknown = sorted(set(cfg.method_pretrain) - {*cfg.controls, *cfg.main_methods, *cfg.ablations})
+    if unknown:  # checked before --methods narrows the lists: a worker of --jobs keeps the whole configuration
+        raise ConfigError(f"{path}: method_pretrain names methods the configuration does not run: {', '.join(unknown)}")
     if not cfg.name:
         cfg.name = Path(path).stem + ("-smoke" if smoke else "")
     return cfg

@@ -95,9 +95,6 @@ class Plan:
             if p.num_studies
             else ""
         )
-        unknown = sorted(set(cfg.method_pretrain) - {*cfg.controls, *cfg.main_methods, *cfg.ablations})
-        if unknown:
-            raise ValueError(f"method_pretrain names methods this configuration does not run: {', '.join(unknown)}")
         if not all((self.pretrain_manifest, self.seg_source, self.cls_labels, self.heldout_manifest)):
             raise ValueError(
                 "data.synthetic is null, so data.pretrain_manifest, data.seg_dataset, data.cls_labels and "

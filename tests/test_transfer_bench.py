@@ -304,9 +304,19 @@ def test_method_pretrain_overrides_one_method_only(tmp_path):
         cfg.pretrain["train"].get("lr", t3d.train.lr),
     )
     assert sup.train.batch_size == t3d.train.batch_size  # the rest of the shared budget stays
-    cfg.method_pretrain = {"t3d-hard": {"train": {"steps": 7}}}  # not run by this configuration: a typo, say so
-    with pytest.raises(ValueError, match="t3d-hard"):
-        Plan(cfg, tmp_path / cfg.name)
+    override = ['--method_pretrain={"t3d-hard": {"train": {"steps": 7}}}']  # not run by this configuration: say so
+    with pytest.raises(ConfigError, match="t3d-hard"):
+        transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True, overrides=override)
+
+
+def test_a_worker_of_jobs_shares_the_work_folder_of_the_whole_configuration(tmp_path):
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml")
+    transfer.check_work_folder(tmp_path, cfg)
+    for group in transfer.partition(cfg, 2):
+        worker = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml")
+        transfer.narrow(worker, group)
+        assert [*worker.controls, *worker.main_methods] == [m for m in [*cfg.controls, *cfg.main_methods] if m in group]
+        transfer.check_work_folder(tmp_path, worker)  # same fingerprint: no ConfigError
 
 
 def test_work_folder_refuses_other_settings(tmp_path):
