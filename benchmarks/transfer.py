@@ -54,7 +54,8 @@ def fingerprint(cfg: TransferConfig) -> dict[str, Any]:
     content = hashlib.sha256(pre.read_bytes()).hexdigest()[:16] if pre.is_file() else cfg.pretrain_config
     values = to_dict(cfg)
     keep = ("data", "pretrain", "method_pretrain", "seg", "cls", "cls_finetune", "diagnostic_repeats")
-    return {"pretrain_config": content, **{k: values[k] for k in keep}}
+    # The probe studies are shared by every probe stage; the probes' other settings are checked per stage (Stage.done).
+    return {"pretrain_config": content, **{k: values[k] for k in keep}, "probe_data": values["probes"]["data"]}
 
 
 def check_work_folder(work: Path, cfg: TransferConfig) -> None:

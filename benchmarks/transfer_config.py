@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from t3d.config import ConfigError, load_config
 from t3d.data.cache import write_json_atomic
+from t3d.evaluate.features import POOLINGS
 from t3d.losses import method_spec
 
 RESULT = "result.json"
@@ -118,7 +119,11 @@ class ProbeSettings:
     """Lesion-size strata edges (equivalent diameter); one edge gives ``small`` and ``large``."""
     negatives_per_lesion: int = 1
     voxel_region: list[int] = field(default_factory=lambda: [4, 4, 2])
-    """Central box (voxels) whose HU statistics are the lesion probe's non-learned control (``voxel_statistics``)."""
+    """Central box (voxels) whose HU statistics are the lesion probe's non-learned control (``voxel_statistics``);
+    with ``lesion_pooling: centre`` also the box whose encoder cells are read."""
+    lesion_pooling: str = "centre"
+    """How the lesion probe reads a crop (``t3d.evaluate.features.crop_features``): ``centre``, every encoder
+    level's cells over the central box (lesion scale), or ``crop``, the encoder's pooled feature of the whole crop."""
     l2: list[float] = field(default_factory=lambda: [1e-3, 1e-2, 1e-1, 1.0, 10.0])
     steps: int = 100
     """L-BFGS iterations per L2 strength."""
@@ -203,6 +208,8 @@ def load_transfer_config(path: str | Path, smoke: bool = False, overrides: list[
     unknown = sorted(set(cfg.method_pretrain) - {*cfg.controls, *cfg.main_methods, *cfg.ablations})
     if unknown:  # checked before --methods narrows the lists: a worker of --jobs keeps the whole configuration
         raise ConfigError(f"{path}: method_pretrain names methods the configuration does not run: {', '.join(unknown)}")
+    if cfg.probes.lesion_pooling not in POOLINGS:
+        raise ConfigError(f"{path}: probes.lesion_pooling must be one of {', '.join(POOLINGS)}")
     if not cfg.name:
         cfg.name = Path(path).stem + ("-smoke" if smoke else "")
     return cfg
@@ -219,7 +226,8 @@ class Stage:
     out: Path
     run: Callable[[], dict]
     meta: dict = field(default_factory=dict)
-    """kind, method, seed, fraction: stored in the result, used by the report."""
+    """kind, method, seed, fraction: stored in the result, used by the report; ``settings`` (JSON), where present,
+    must match the stored result's for the stage to count as done (settings outside the work folder's fingerprint)."""
     needs: tuple[str, ...] = ()
     """Names of stages whose failure makes this one pointless."""
     cached: bool = True
@@ -230,7 +238,13 @@ class Stage:
         return self.out / RESULT
 
     def done(self) -> bool:
-        return self.cached and self.result_path.is_file()
+        """A stored result, computed with this stage's ``meta["settings"]`` where it has any."""
+        if not (self.cached and self.result_path.is_file()):
+            return False
+        return (
+            "settings" not in self.meta
+            or json.loads(self.result_path.read_text()).get("settings") == self.meta["settings"]
+        )
 
 
 def run_stages(stages: list[Stage], progress: bool = True) -> dict[str, str]:

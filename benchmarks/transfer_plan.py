@@ -195,7 +195,9 @@ class Plan:
             s = self.cfg.probes
             return run_probe_stage(ckpt, pcfg, s, self.caches["probe"], self.probe_findings, out, seed)
 
-        return Stage(f"seed{seed}/{method}/probes", out, run, {"kind": "probes", **base}, (*needs, "probe_data"))
+        settings = json.loads(json.dumps({k: v for k, v in to_dict(self.cfg.probes).items() if k != "data"}))
+        meta = {"kind": "probes", **base, "settings": settings}
+        return Stage(f"seed{seed}/{method}/probes", out, run, meta, (*needs, "probe_data"))
 
     def _probe_data(self) -> dict:
         pre, workers = self.pretrain_config("t3d", 0).preprocess, self.cfg.preprocess_workers

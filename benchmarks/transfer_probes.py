@@ -80,10 +80,16 @@ def run_probe_stage(
         result["study_scores"] = {"ids": [got[n] for n in test], "y": study["labels"], "p": study["scores"]}
     sites = lesion_sites(cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, s.seed, split)
     key = f"{enc.fingerprint}|{cache}|{len(sites)}|{s.seed}|{s.negatives_per_lesion}|{s.lesion_labels}"
-    xl = cached(out / "lesion_features.pt", key, lambda: crop_features(enc, cache, sites))
+    key += f"|{s.lesion_pooling}|{s.voxel_region}"
+    xl = cached(
+        out / "lesion_features.pt",
+        key,
+        lambda: crop_features(enc, cache, sites, pooling=s.lesion_pooling, region=s.voxel_region),
+    )
     lesion = lesion_probe(xl.numpy(), sites, split, s.size_thresholds_mm, s.l2, s.steps, s.n_boot, seed)
     test = [n for n, site in enumerate(sites) if split.get(site.study) == "test"]
     lesion["test"]["ids"] = [f"{sites[n].study}@{','.join(map(str, sites[n].centre))}" for n in test]
+    lesion["pooling"] = s.lesion_pooling
     result["lesion"] = lesion
     stats = voxel_statistics(cache, sites, s.voxel_region)  # the same sites, split and probe: a non-learned control
     control = lesion_probe(stats.numpy(), sites, split, s.size_thresholds_mm, s.l2, s.steps, s.n_boot, seed)

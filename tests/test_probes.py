@@ -8,7 +8,14 @@ import torch
 
 from t3d.config import CropConfig, ModelConfig, PretrainConfig
 from t3d.data.cache import StudyCache
-from t3d.evaluate.features import cached, crop_features, frozen_encoder, study_features, voxel_statistics
+from t3d.evaluate.features import (
+    cached,
+    centre_cells,
+    crop_features,
+    frozen_encoder,
+    study_features,
+    voxel_statistics,
+)
 from t3d.evaluate.gate import NOT_SENSITIVE, gate_entry, gate_table, is_sensitive, metric_kind, sensitive_metrics
 from t3d.evaluate.lesions import (
     CropSite,
@@ -197,6 +204,34 @@ def test_features_are_cached_per_encoder(tiny_cache, tmp_path):
     assert len(calls) == 2
     sites = lesion_sites(tiny_cache.cache, ids, LESIONS, (32, 32, 32))
     assert crop_features(enc, tiny_cache.cache, sites).shape == (len(sites), enc.encoder.embed_channels)
+    centre = crop_features(enc, tiny_cache.cache, sites, pooling="centre", region=(4, 4, 4))
+    assert centre.shape == (len(sites), sum(enc.encoder.feature_channels[1:]))
+    with pytest.raises(ValueError, match="pooling"):
+        crop_features(enc, tiny_cache.cache, sites, pooling="mean")
+
+
+def test_centre_cells_cover_the_central_box():
+    # 64 x 64 x 32 crop: stride 2 (32 x 32 x 16 cells) and a 4 x 4 x 2 box -> the two cells around the centre
+    assert centre_cells((32, 32, 16), (64, 64, 32), (4, 4, 2)) == (slice(15, 17), slice(15, 17), slice(7, 9))
+    assert centre_cells((16, 16, 8), (64, 64, 32), (20, 20, 10)) == (slice(5, 11), slice(5, 11), slice(2, 6))
+    assert centre_cells((2, 2, 1), (64, 64, 32), (4, 4, 2)) == (slice(0, 2), slice(0, 2), slice(0, 1))
+    assert centre_cells((4, 4, 4), (64, 64, 64), (999, 999, 999)) == (slice(0, 4),) * 3  # clipped to the map
+
+
+def test_centre_pooling_sees_a_small_lesion_the_crop_pool_dilutes():
+    """A 4 x 4 x 2 voxel blob at the centre of a 64 x 64 x 32 crop (0.02 % of it) moves the lesion-scale features
+    several times more, relative to their size, than the encoder's pooled feature of the whole crop."""
+    cfg = PretrainConfig(
+        crops=CropConfig(size=(64, 64, 32)), model=ModelConfig(encoder="resnet", preset="tiny", embed_dim=16)
+    )
+    for seed in range(2):
+        enc = frozen_encoder(None, cfg, seed=seed)
+        x = 0.1 * torch.randn(1, cfg.crops.channels, 64, 64, 32, generator=torch.Generator().manual_seed(seed))
+        y = x.clone()
+        y[..., 30:34, 30:34, 15:17] += 3.0
+        a, b = enc.embed_centre(x, (4, 4, 2)), enc.embed_centre(y, (4, 4, 2))
+        pa, pb = enc.embed(x), enc.embed(y)
+        assert (a - b).norm() / a.norm() > 2 * (pa - pb).norm() / pa.norm()
 
 
 # ----------------------------------------------------------------------------------------------- gate

@@ -326,6 +326,29 @@ def test_work_folder_refuses_other_settings(tmp_path):
     cfg.seg = {**cfg.seg, "steps": 999}
     with pytest.raises(ConfigError, match="seg"):
         transfer.check_work_folder(tmp_path, cfg)
+    other = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
+    other.probes.data.num_studies += 1  # other probe studies: every probe stage would be stale
+    with pytest.raises(ConfigError, match="probe_data"):
+        transfer.check_work_folder(tmp_path, other)
+
+
+def test_a_probe_stage_reruns_when_its_probe_settings_change(tmp_path):
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
+    stage = next(s for s in Plan(cfg, tmp_path).stages() if s.meta.get("kind") == "probes")
+    assert stage.meta["settings"]["lesion_pooling"] == "centre" and "data" not in stage.meta["settings"]
+    stage.out.mkdir(parents=True)
+    stage.result_path.write_text(json.dumps({**stage.meta, "lesion": {}}))
+    assert stage.done()
+    cfg.probes.lesion_pooling = "crop"
+    again = next(s for s in Plan(cfg, tmp_path).stages() if s.name == stage.name)
+    assert not again.done()
+
+
+def test_lesion_pooling_is_checked_at_load_time():
+    with pytest.raises(ConfigError, match="lesion_pooling"):
+        transfer_config.load_transfer_config(
+            ROOT / "benchmarks" / "transfer_cpu.yaml", True, ["--probes.lesion_pooling", '"centroid"']
+        )
 
 
 def test_seg_subset_keeps_the_first_test_studies(tmp_path):

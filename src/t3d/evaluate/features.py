@@ -3,6 +3,7 @@
     enc = frozen_encoder("runs/pretrain/t3d")            # or frozen_encoder(None, cfg, seed=0): the random control
     x, ids = study_features(enc, "cache", ids)           # (N, 2F): mean and max over the study's grid tiles
     x = crop_features(enc, "cache", sites)               # (M, F): one crop per lesion-probe site
+    x = crop_features(enc, "cache", sites, pooling="centre", region=(4, 4, 2))  # (M, sum of level widths)
     x = voxel_statistics("cache", sites, (4, 4, 2))      # (M, 27): the non-learned control of the lesion probe
     x, ids = cached("features/t3d_s0_study.pt", enc.fingerprint, lambda: study_features(enc, "cache", ids))
 
@@ -11,6 +12,12 @@ checkpoint's crop size and windows (full resolution, never resized; also for ``c
 convolutional and so reads tiles as it reads its shrunk volume), the encoder's own ``pool`` per tile (spatial
 mean + LayerNorm), then mean and max over the study's tiles concatenated. The max keeps a finding that lights up one
 tile of 27 from being averaged away; the mean carries diffuse findings (organ size, attenuation).
+
+A lesion-probe crop is read one of two ways. ``pooling="crop"``: the encoder's ``pool`` over the whole crop, the
+feature a study-level head sees; a lesion of a few voxels in a 64 x 64 x 32 crop is diluted ~10^4 times by the spatial
+mean. ``pooling="centre"`` (lesion scale): at every encoder level but the input itself (strides 2..32), the mean of
+the cells that cover the central box of ``region`` voxels (at least the 2 cells per axis around the centre, which
+sits on a cell boundary), concatenated over levels; finer levels see the lesion, coarser ones its surroundings.
 
 ``voxel_statistics`` is the lesion probe's non-learned control on the same sites: HU statistics of the central box
 of each crop. A lesion at the crop centre changes them, so a probe on them must beat chance on lesions the encoders
@@ -53,6 +60,27 @@ class FrozenEncoder:
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, D, H, W) crops -> (N, F) pooled features."""
         return self.encoder.pool(self.encoder.forward_features(x.to(self.device))).float().cpu()
+
+    @torch.no_grad()
+    def embed_centre(self, x: torch.Tensor, region: Sequence[int]) -> torch.Tensor:
+        """(N, C, D, H, W) crops -> (N, sum of the level widths): every level's mean over the cells covering the
+        central ``region`` box (voxels), levels at strides 2..32 concatenated."""
+        levels = []
+        for f in self.encoder.forward_features(x.to(self.device))[1:]:
+            box = centre_cells(f.shape[2:], x.shape[2:], region)
+            levels.append(f[:, :, box[0], box[1], box[2]].mean(dim=(2, 3, 4)))
+        return torch.cat(levels, dim=1).float().cpu()
+
+
+def centre_cells(cells: Sequence[int], voxels: Sequence[int], region: Sequence[int]) -> tuple[slice, ...]:
+    """Per axis, the slice of a map of ``cells`` (over an input of ``voxels``) covering the central ``region``
+    voxels; at least the two cells either side of the centre (an even cell count puts it on a boundary)."""
+    out = []
+    for n, v, r in zip(cells, voxels, region):
+        half = max(1, int(np.ceil(r * n / v / 2)))  # half-width in cells of r voxels at stride v / n
+        lo = max(0, n // 2 - half)
+        out.append(slice(lo, min(n, n - lo)))
+    return tuple(out)
 
 
 def frozen_encoder(
@@ -101,8 +129,18 @@ def study_features(
 
 
 @torch.no_grad()
-def crop_features(enc: FrozenEncoder, cache: str | Path, sites: Sequence[CropSite], crop_batch: int = 16):
-    """(M, F) pooled features of the crop of ``enc.crop_size`` centred at each site (windowed, no augmentation)."""
+def crop_features(
+    enc: FrozenEncoder,
+    cache: str | Path,
+    sites: Sequence[CropSite],
+    crop_batch: int = 16,
+    pooling: str = "crop",
+    region: Sequence[int] = (4, 4, 2),
+) -> torch.Tensor:
+    """Features of the crop of ``enc.crop_size`` centred at each site (windowed, no augmentation): (M, F) with
+    ``pooling="crop"``, (M, sum of the level widths) with ``pooling="centre"`` over the central ``region`` box."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"crop_features: pooling must be one of {POOLINGS}, got {pooling!r}")
     store = StudyCache(cache)
     params, size = window_params(enc.windows), np.asarray(enc.crop_size)
     feats = []
@@ -112,10 +150,14 @@ def crop_features(enc: FrozenEncoder, cache: str | Path, sites: Sequence[CropSit
         for i, site in enumerate(chunk):
             hu = read_crop(store.image(site.key), np.asarray(site.centre) - size // 2, x[i, 0])
             apply_windows(hu, params, x[i])
-        feats.append(enc.embed(torch.from_numpy(x)))
-    width = enc.encoder.embed_channels
+        crops = torch.from_numpy(x)
+        feats.append(enc.embed(crops) if pooling == "crop" else enc.embed_centre(crops, region))
+    width = enc.encoder.embed_channels if pooling == "crop" else sum(enc.encoder.feature_channels[1:])
     return torch.cat(feats) if feats else torch.empty(0, width)
 
+
+POOLINGS = ("crop", "centre")
+"""How ``crop_features`` reads a crop: the encoder's pooled feature, or lesion-scale centre cells of every level."""
 
 HU_BINS = np.linspace(-1000.0, 1000.0, 21)
 """Histogram edges of ``voxel_statistics``: 100 HU bins over air to dense bone (lung, fat, soft tissue, stones)."""
