@@ -37,7 +37,8 @@ from provenance import git_revision
 from t3d.checkpoint import latest_checkpoint, load_checkpoint
 from t3d.data.cache import StudyCache, write_json_atomic
 from t3d.data.synthetic.findings import CSV_COLUMNS, FOCAL
-from t3d.evaluate.features import crop_features, frozen_encoder
+from t3d.evaluate.features import frozen_encoder, site_crops
+from t3d.evaluate.joint import load_joint
 from t3d.evaluate.lesions import lesion_sites
 from t3d.losses import method_spec
 from t3d.metrics import auroc
@@ -102,10 +103,10 @@ def head_on_probe_crops(run_dir: Path, plan: Plan, s, seed: int, thresholds: lis
     sites = lesion_sites(
         cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, s.seed, probe_split(ids, s)
     )
-    state = load_checkpoint(latest_checkpoint(run_dir))
-    classes = state["finding_classes"]
-    w, b = state["model"]["finding_head.weight"], state["model"]["finding_head.bias"]
-    logits = crop_features(enc, cache, sites) @ w.T.float() + b.float()
+    classes = load_checkpoint(latest_checkpoint(run_dir))["finding_classes"]
+    model = load_joint(run_dir, torch.device("cpu")).model.eval()
+    crops = site_crops(cache, sites, enc.crop_size, enc.windows)
+    logits = torch.cat([model.finding_logits(model.encoder.forward_features(x)) for x in crops])
     focal = [classes.index(CSV_COLUMNS[k]) for k in FOCAL]
     score = logits[:, focal].max(dim=1).values.numpy()
     y = np.array([site.label for site in sites])

@@ -11,12 +11,22 @@ import torch
 
 from pretrain_helpers import pretrain_args, read_log
 from t3d.cli import main as cli_main
-from t3d.config import ConfigError, CropConfig, DataConfig, PreprocessConfig, PretrainConfig, load_config
+from t3d.config import (
+    ConfigError,
+    CropConfig,
+    DataConfig,
+    ModelConfig,
+    PreprocessConfig,
+    PretrainConfig,
+    load_config,
+)
 from t3d.data.crops import CropDataset
 from t3d.data.preprocess import preprocess_manifest
 from t3d.data.targets import finding_label_classes, read_findings
 from t3d.losses import PretrainObjective, method_spec
+from t3d.models import CellFindingHead
 from t3d.pretrain.data import FindingTargets, build_dataset, local_finding_labels
+from t3d.pretrain.model import PretrainModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,6 +83,39 @@ def test_supervised_control_trains_on_the_findings(tiny_cache, tmp_path):
     assert got.shape == (2, 1, len(classes))
     assert np.array_equal(got[:, 0, study_level].numpy(), expected[:, study_level])
     assert not got[:, :, [classes.index(c) for c in LOCAL]].any()  # no lesion voxel in either crop
+
+
+def test_the_cell_finding_head_lets_the_cell_with_the_lesion_decide():
+    head = CellFindingHead(4, 2)
+    fmap = torch.zeros(3, 4, 8, 8, 4)
+    fmap[1, :, 5, 2, 1] = 3.0  # one cell of crop 1 differs
+    with torch.no_grad():
+        head.cells.weight.zero_()
+        head.cells.weight[0, :, 0, 0, 0] = 1.0
+        head.cells.bias.zero_()
+    logits = head(fmap)
+    assert logits.shape == (3, 2) and logits[1, 0] == 12.0 and logits[0, 0] == 0.0 and logits[2, 0] == 0.0
+    fmap.requires_grad_(True)
+    head(fmap)[1, 0].backward()  # only the deciding cell receives the gradient of its crop
+    assert fmap.grad[1, :, 5, 2, 1].abs().sum() > 0 and fmap.grad.abs().sum() == fmap.grad[1, :, 5, 2, 1].abs().sum()
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_the_supervised_model_reads_its_finding_level(level):
+    model_cfg = ModelConfig(encoder="resnet", preset="tiny", embed_dim=16, finding_level=level)
+    data = DataConfig(findings="ground_truth.jsonl")
+    cfg = PretrainConfig(method="supervised", data=data, crops=CropConfig(size=(32, 32, 32), sites=2), model=model_cfg)
+    model = PretrainModel(cfg, method_spec("supervised"), text_dim=8, num_findings=3).eval()
+    x = torch.randn(2, 2, 1, cfg.crops.channels, 32, 32, 32)
+    with torch.no_grad():
+        out = model({"views": x}, {"frozen": torch.zeros(2, 8), "findings": torch.zeros(2, 2, 3)})
+        feats = model.encoder.forward_features(x.flatten(0, 2))
+        expected = model.finding_logits(feats).view(2, 2, 3)
+    assert out["finding_logits"].shape == (2, 2, 3) and torch.allclose(out["finding_logits"], expected, atol=1e-5)
+    if level:
+        assert torch.allclose(expected.flatten(0, 1), model.finding_head.cells(feats[level]).amax(dim=(2, 3, 4)))
+    with pytest.raises(ConfigError, match="finding_level"):
+        ModelConfig(finding_level=6)
 
 
 LOCAL = {"Liver lesion": 9, "Renal cyst": 10, "Lung nodule": 11, "Kidney stone": 12, "Pleural effusion": 13}

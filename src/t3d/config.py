@@ -271,6 +271,11 @@ class ModelConfig:
     """Finest encoder level the restoration decoder fuses as a skip: 0 = the corrupted input itself (SwinUNETR),
     1 = stride 2, 2 = stride 4 (default). Finer skips let the decoder inpaint hidden cubes from the visible voxels
     around them without the encoder's features or the report."""
+    finding_level: int = 3
+    """``supervised`` control only: the encoder level its finding head reads (3 = stride 8). Each cell of that map
+    gets a logit per finding (1x1x1 convolution) and a crop's logit is the largest over its cells (multiple-instance
+    learning: a lesion of a few voxels decides the crop's label in the cell that holds it). 0 = a linear head on the
+    pooled crop feature, where the spatial mean dilutes a small lesion ~10^4 times."""
 
     def __post_init__(self) -> None:
         _check_choice("model.encoder", self.encoder, ("swinvit", "resnet"))
@@ -281,6 +286,11 @@ class ModelConfig:
                 f"model.decoder_finest_skip must be an encoder level in [0, 5], got {self.decoder_finest_skip}"
             )
         _check_choice("model.norm", self.norm, ("group", "instance", "batch"))
+        if not 0 <= self.finding_level <= 5:
+            raise ConfigError(
+                f"model.finding_level must be an encoder level in [1, 5], or 0 for the pooled feature; got "
+                f"{self.finding_level}"
+            )
 
 
 @dataclass

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,19 +141,30 @@ def crop_features(
     ``pooling="crop"``, (M, sum of the level widths) with ``pooling="centre"`` over the central ``region`` box."""
     if pooling not in POOLINGS:
         raise ValueError(f"crop_features: pooling must be one of {POOLINGS}, got {pooling!r}")
-    store = StudyCache(cache)
-    params, size = window_params(enc.windows), np.asarray(enc.crop_size)
     feats = []
-    for first in range(0, len(sites), crop_batch):
-        chunk = sites[first : first + crop_batch]
-        x = np.empty((len(chunk), len(params), *enc.crop_size), dtype=np.float32)
-        for i, site in enumerate(chunk):
-            hu = read_crop(store.image(site.key), np.asarray(site.centre) - size // 2, x[i, 0])
-            apply_windows(hu, params, x[i])
-        crops = torch.from_numpy(x)
+    for crops in site_crops(cache, sites, enc.crop_size, enc.windows, crop_batch):
         feats.append(enc.embed(crops) if pooling == "crop" else enc.embed_centre(crops, region))
     width = enc.encoder.embed_channels if pooling == "crop" else sum(enc.encoder.feature_channels[1:])
     return torch.cat(feats) if feats else torch.empty(0, width)
+
+
+def site_crops(
+    cache: str | Path,
+    sites: Sequence[CropSite],
+    crop_size: Sequence[int],
+    windows: Sequence[Sequence[float]],
+    crop_batch: int = 16,
+) -> Iterator[torch.Tensor]:
+    """Batches (n, C, D, H, W) of the windowed crops of ``crop_size`` centred at the sites, in order."""
+    store = StudyCache(cache)
+    params, size = window_params(windows), np.asarray(crop_size)
+    for first in range(0, len(sites), crop_batch):
+        chunk = sites[first : first + crop_batch]
+        x = np.empty((len(chunk), len(params), *crop_size), dtype=np.float32)
+        for i, site in enumerate(chunk):
+            hu = read_crop(store.image(site.key), np.asarray(site.centre) - size // 2, x[i, 0])
+            apply_windows(hu, params, x[i])
+        yield torch.from_numpy(x)
 
 
 POOLINGS = ("crop", "centre")

@@ -4,6 +4,7 @@ image_head = ProjectionHead(encoder.embed_channels, cfg.embed_dim)   # pooled cr
 align_head = StudyHead(encoder.embed_channels, cfg.embed_dim)       # a study's pooled crop features -> u (B, E)
 text_head = ProjectionHead(text_features.pooled.shape[1], cfg.embed_dim)  # centred frozen Et -> t (N, E)
 logits = logit_scale() * u @ t.T
+finding_head = CellFindingHead(encoder.feature_channels[3], num_findings)  # a stride-8 map -> (N, L) logits
 """
 
 from __future__ import annotations
@@ -69,6 +70,25 @@ class StudyHead(nn.Module):
         if pooled.ndim != 3:
             raise ValueError(f"StudyHead expects (B, K, C) pooled crop features, got shape {tuple(pooled.shape)}")
         return self.proj(pooled.mean(dim=1))  # (B, K, C) -> (B, E), unit norm
+
+
+class CellFindingHead(nn.Module):
+    """Multiple-instance finding head (the ``supervised`` control): a 1x1x1 convolution gives every cell of one
+    encoder map a logit per finding; a crop's logit is the largest over its cells, so the cell that holds a small
+    lesion decides, and only it receives the gradient of a positive crop.
+
+    Args:
+        channels: width of the encoder map it reads.
+        num_findings: L, one logit per finding.
+    """
+
+    def __init__(self, channels: int, num_findings: int) -> None:
+        super().__init__()
+        self.cells = nn.Conv3d(channels, num_findings, kernel_size=1)
+
+    def forward(self, fmap: Tensor) -> Tensor:
+        """(N, C, d, h, w) encoder map -> (N, L) crop logits."""
+        return self.cells(fmap).amax(dim=(2, 3, 4))
 
 
 class LogitScale(nn.Module):

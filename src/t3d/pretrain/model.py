@@ -28,7 +28,15 @@ from torch import nn
 
 from t3d.config import PretrainConfig
 from t3d.losses import MethodSpec, corrupt, random_cube_mask
-from t3d.models import LogitScale, ProjectionHead, RestorationDecoder, StudyHead, TilePooling, build_encoder
+from t3d.models import (
+    CellFindingHead,
+    LogitScale,
+    ProjectionHead,
+    RestorationDecoder,
+    StudyHead,
+    TilePooling,
+    build_encoder,
+)
 
 
 class PretrainModel(nn.Module):
@@ -70,7 +78,14 @@ class PretrainModel(nn.Module):
             self.decoder.set_grad_checkpointing(cfg.model.grad_checkpointing)
         if spec.findings and num_findings < 1:
             raise ValueError(f"method {spec.name!r} predicts findings: num_findings must be >= 1, got {num_findings}")
-        self.finding_head = nn.Linear(self.encoder.embed_channels, num_findings) if spec.findings else None
+        self.finding_level = cfg.model.finding_level
+        self.finding_head: nn.Module | None = None
+        if spec.findings:
+            self.finding_head = (
+                CellFindingHead(self.encoder.feature_channels[self.finding_level], num_findings)
+                if self.finding_level
+                else nn.Linear(self.encoder.embed_channels, num_findings)
+            )
         self.tile_pool = None
         if spec.tiles:
             if cfg.model.encoder == "resnet" and cfg.model.norm == "batch":
@@ -147,10 +162,19 @@ class PretrainModel(nn.Module):
             out["target"], out["mask"] = x[restore_idx], mask
         if self.finding_head is not None:
             # Per-crop targets (pretrain.data.FindingTargets): each site's first view meets what that crop holds.
-            out["finding_logits"] = self.finding_head(pooled[:, :, 0])  # (B, K, L)
+            out["finding_logits"] = self.finding_logits(feats, pooled.flatten(0, 2)).view(b, k, v, -1)[:, :, 0]
             out["finding_targets"] = text["findings"]  # (B, K, L)
         self._text_outputs(out, text)
         return out
+
+    def finding_logits(self, feats: list[torch.Tensor], pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, L) finding logits of N crops from their encoder maps (``pooled``: their pooled features, computed
+        here when not given; the head reads them where ``model.finding_level`` is 0)."""
+        if self.finding_head is None:
+            raise ValueError(f"method {self.spec.name!r} has no finding head (only the supervised control does)")
+        if self.finding_level:
+            return self.finding_head(feats[self.finding_level])
+        return self.finding_head(self.encoder.pool(feats) if pooled is None else pooled)
 
     def study_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         """Study embeddings (B, E), unit norm, from the pooled features (B, K, C) of each study's K crops (``clip``:
