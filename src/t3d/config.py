@@ -271,11 +271,12 @@ class ModelConfig:
     """Finest encoder level the restoration decoder fuses as a skip: 0 = the corrupted input itself (SwinUNETR),
     1 = stride 2, 2 = stride 4 (default). Finer skips let the decoder inpaint hidden cubes from the visible voxels
     around them without the encoder's features or the report."""
-    finding_level: int = 3
-    """``supervised`` control only: the encoder level its finding head reads (3 = stride 8). Each cell of that map
-    gets a logit per finding (1x1x1 convolution) and a crop's logit is the largest over its cells (multiple-instance
-    learning: a lesion of a few voxels decides the crop's label in the cell that holds it). 0 = a linear head on the
-    pooled crop feature, where the spatial mean dilutes a small lesion ~10^4 times."""
+    finding_level: int = 0
+    """``supervised`` control only: what its finding head reads. 0 (default): a linear head on the pooled crop
+    feature, the feature the study-level probe reads, trained through every encoder level. 1-5: a multiple-instance
+    head on that encoder level (3 = stride 8): each cell gets a logit per finding (1x1x1 convolution) and a crop's
+    logit is the largest over its cells, so the cell holding a small lesion decides; the levels below it get no
+    gradient from it (docs/method.md §4)."""
 
     def __post_init__(self) -> None:
         _check_choice("model.encoder", self.encoder, ("swinvit", "resnet"))

@@ -4,7 +4,7 @@ image_head = ProjectionHead(encoder.embed_channels, cfg.embed_dim)   # pooled cr
 align_head = StudyHead(encoder.embed_channels, cfg.embed_dim)       # a study's pooled crop features -> u (B, E)
 text_head = ProjectionHead(text_features.pooled.shape[1], cfg.embed_dim)  # centred frozen Et -> t (N, E)
 logits = logit_scale() * u @ t.T
-finding_head = CellFindingHead(encoder.feature_channels[3], num_findings)  # a stride-8 map -> (N, L) logits
+finding_head = CellFindingHead(encoder.feature_channels[3], num_findings)  # supervised, finding_level 3
 """
 
 from __future__ import annotations
