@@ -4,15 +4,17 @@
         --pretrain.train.steps 300 --pretrain.train.lr 3e-3
 
 Uses the data, pre-training cache and probe studies of a transfer-benchmark configuration (the same ``Plan`` and
-stage code as ``benchmarks/transfer.py``, in the work folder ``<work>/supervised_fit``; cached across runs), then:
+stage code as ``benchmarks/transfer.py``, in the work folder ``<work>/supervised_fit/<name>``, checked against the
+settings it was made with like the benchmark's; ``--name`` gives other data settings a folder of their own), then:
 
 1. pre-trains ``supervised`` with the configuration's settings (flags override them, as for ``transfer.py``);
 2. the *base-rate BCE* of its targets: per finding, the positive share over every crop site of the epochs it
    trained on (the same items and crops, ``CropDataset`` draws are seeded per epoch and item), and the mean binary
    entropy of those shares: the loss of a model that knows only the priors;
 3. the trained model's BCE and per-finding AUROC on one *fresh* epoch of crops of the same studies;
-4. the lesion-probe AUROC per size stratum of ``supervised`` and ``random`` (``run_probe_stage`` without the study
-   probe: the benchmark's sites, split and probe);
+4. the study-probe and lesion-probe AUROC (per size stratum) of ``supervised`` and ``random`` (``run_probe_stage``:
+   the benchmark's studies, sites, split and probes) and the paired study-probe gain ``supervised - random`` with
+   its bootstrap interval, the quantity of the sensitivity gate;
 5. the trained finding head itself on those probe crops (no probe fitted, every split): AUROC of its largest focal
    logit, lesion-centred crops vs their location-matched negatives. Near 0.5 while the fresh-epoch AUROC is high,
    the head recognises its training studies rather than lesions.
@@ -44,10 +46,12 @@ from t3d.losses import method_spec
 from t3d.metrics import auroc
 from t3d.pretrain.data import FindingTargets, build_dataset
 from t3d.pretrain.model import PretrainModel
+from transfer import check_work_folder
 from transfer_config import load_transfer_config, run_stages
 from transfer_plan import Plan
 from transfer_probes import probe_split, run_probe_stage
 from transfer_stages import fresh_folder, run_pretrain_stage
+from transfer_stats import paired_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +131,8 @@ def main(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     cfg = load_transfer_config(args.config, False, overrides)
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
-    plan = Plan(cfg, ROOT / cfg.work / "supervised_fit")
+    plan = Plan(cfg, ROOT / cfg.work / "supervised_fit" / cfg.name)  # --name: a folder per data / budget setting
+    check_work_folder(plan.work, cfg)
     run_stages([s for s in plan.stages() if s.name in ("data", "prepare", "probe_data")])
     pcfg = plan.pretrain_config("supervised", args.seed)
     tc = pcfg.train
@@ -147,9 +152,14 @@ def main(argv: list[str]) -> int:
     probes = {}
     for name, ckpt in (("supervised", run_dir), ("random", None)):
         out = plan.work / f"probes_{name}" if ckpt is None else run_dir / "probes"
-        res = run_probe_stage(ckpt, plan.pretrain_config("t3d", args.seed), cfg.probes, plan.caches["probe"], "",
-                              out, args.seed)  # fmt: skip
-        probes[name] = {"lesion": res["lesion"]["strata"], "voxel_stats": res["lesion_voxel_stats"]["strata"]}
+        res = run_probe_stage(ckpt, plan.pretrain_config("t3d", args.seed), cfg.probes, plan.caches["probe"],
+                              plan.probe_findings, out, args.seed)  # fmt: skip
+        probes[name] = {"lesion": res["lesion"]["strata"], "voxel_stats": res["lesion_voxel_stats"]["strata"],
+                        "study": res["study"]["metrics"]["macro"]["auroc"], "scores": res["study_scores"]}  # fmt: skip
+    sup, rand = (probes[n].pop("scores") for n in ("supervised", "random"))
+    assert sup["ids"] == rand["ids"], "both encoders are probed on the same test studies"
+    y, a, b = (np.asarray(v, dtype=float) for v in (sup["y"], sup["p"], rand["p"]))
+    study_gain = paired_auroc(y, a[None], b[None], cfg.n_boot)
     head = head_on_probe_crops(run_dir, plan, cfg.probes, args.seed, cfg.probes.size_thresholds_mm)
     summary = {
         "revision": git_revision(),
@@ -166,12 +176,13 @@ def main(argv: list[str]) -> int:
         "target_crops": len(y),
         "fresh_epoch": fit,
         "lesion_probe": probes,
+        "study_probe_gain": {k: study_gain[k] for k in ("mean", "low", "high")},
         "head_on_probe_crops": head,
     }  # fmt: skip
     write_json_atomic(Path(args.output), json.loads(json.dumps(summary, default=float)))
     print(json.dumps({k: summary[k] for k in ("train", "train_bce_last_window", "base_rate_bce")}, indent=1))
     print(json.dumps({"fresh_epoch": fit, "lesion": {k: v["lesion"] for k, v in probes.items()}}, indent=1))
-    print(json.dumps({"head_on_probe_crops": head}, indent=1))
+    print(json.dumps({"head_on_probe_crops": head, "study_probe_gain": summary["study_probe_gain"]}, indent=1))
     return 0
 
 
