@@ -275,8 +275,8 @@ class ModelConfig:
     """``supervised`` control only: what its finding head reads. 0 (default): a linear head on the pooled crop
     feature, the feature the study-level probe reads, trained through every encoder level. 1-5: a multiple-instance
     head on that encoder level (3 = stride 8): each cell gets a logit per finding (1x1x1 convolution) and a crop's
-    logit is the largest over its cells, so the cell holding a small lesion decides; the levels below it get no
-    gradient from it (docs/method.md §4)."""
+    logit is the largest over its cells, so the cell holding a small lesion decides; the deeper levels, which the
+    pooled feature comes from, get no gradient from it (docs/method.md §4)."""
 
     def __post_init__(self) -> None:
         _check_choice("model.encoder", self.encoder, ("swinvit", "resnet"))
