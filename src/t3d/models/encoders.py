@@ -58,7 +58,7 @@ RESNET_PRESETS: dict[str, tuple[str, list[int], list[int]]] = {
 }
 
 PRESETS: dict[str, tuple[str, ...]] = {"swinvit": tuple(SWIN_PRESETS), "resnet": tuple(RESNET_PRESETS)}
-"""Valid ``model.preset`` names per ``model.encoder`` (config.py keeps a copy; a test checks they agree)."""
+"""Valid ``model.preset`` names per ``model.encoder`` (t3d.config.model keeps a copy; a test checks they agree)."""
 
 DIVISOR = 32
 """Both encoders have five stride-2 stages: every crop side must be a multiple of 2**5 voxels."""
