@@ -110,11 +110,14 @@ def test_checkpoint_errors_say_what_the_file_is_and_never_suggest_unsafe_loading
         assert str(path) in err and "weights_only" not in err and "Traceback" not in err
 
 
-def test_a_segmentation_checkpoint_as_init_is_named(tmp_path):
+def test_a_segmentation_checkpoint_without_its_spec_is_named(tmp_path):
     state = {"kind": "t3d-seg", "model": {"w": torch.zeros(2)}, "config": {"data": "dataset.json"}, "step": 1}
     path = save_checkpoint(state, tmp_path / "seg", "best")
-    with pytest.raises(ValueError, match="not a t3d pre-training checkpoint .*t3d-seg"):
+    with pytest.raises(ValueError, match="'t3d-seg' checkpoint without its network spec"):
         load_pretrained(path)
+    state = {"kind": "t3d-cls", "model": {"w": torch.zeros(2)}, "config": {"data": "dataset.json"}, "step": 1}
+    with pytest.raises(ValueError, match="not a t3d pre-training checkpoint .*t3d-cls"):
+        load_pretrained(save_checkpoint(state, tmp_path / "cls", "best"))
     text = tmp_path / "weights.safetensors"
     text.write_text("not safetensors")
     with pytest.raises(ValueError, match="not a safetensors file"):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from t3d.config import CropConfig, ModelConfig, PretrainConfig
+from t3d.checkpoint import save_checkpoint
+from t3d.config import CropConfig, ModelConfig, PreprocessConfig, PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.evaluate.features import (
     cached,
@@ -35,7 +36,9 @@ from t3d.evaluate.probes import (
     stratum_names,
     study_probe,
 )
+from t3d.finetune.networks import SegSpec
 from t3d.metrics import auroc
+from t3d.pretrained import load_pretrained
 
 LESIONS = (9, 10, 11, 12)
 
@@ -232,6 +235,28 @@ def test_centre_pooling_sees_a_small_lesion_the_crop_pool_dilutes():
         a, b = enc.embed_centre(x, (4, 4, 2)), enc.embed_centre(y, (4, 4, 2))
         pa, pb = enc.embed(x), enc.embed(y)
         assert (a - b).norm() / a.norm() > 2 * (pa - pb).norm() / pa.norm()
+
+
+def test_a_segmentation_run_is_probed_with_the_encoder_it_trained(tmp_path):
+    """The probes read a ``t3d finetune seg`` run's encoder exactly as the segmentation network holds it."""
+    windows = ((-1000.0, 1000.0), (-160.0, 240.0))
+    spec = SegSpec(ModelConfig(encoder="resnet", preset="tiny"), PreprocessConfig(), windows, (32, 32, 32),
+                   {0: "background", 1: "organ"})  # fmt: skip
+    torch.manual_seed(3)
+    net = spec.build().eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(0.05 * torch.randn_like(param))  # away from any init a rebuilt encoder could fall back to
+    state = {"kind": "t3d-seg", "model": net.state_dict(), "spec": spec.as_dict(), "step": 7}
+    save_checkpoint(state, tmp_path / "seg", "best")
+    enc = frozen_encoder(tmp_path / "seg")
+    assert enc.crop_size == (32, 32, 32) and enc.windows == spec.windows and "seg-step7" in enc.fingerprint
+    x = torch.randn(2, 2, 32, 32, 32)
+    with torch.no_grad():
+        want = net.encoder.forward_features(x)
+    assert torch.equal(enc.embed(x), net.encoder.pool(want))
+    pre = load_pretrained(tmp_path / "seg")
+    assert pre.method == "seg" and pre.model == spec.model and set(pre.state) == set(net.encoder.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------- gate

@@ -30,6 +30,7 @@ from t3d.data.cases import SegCase, case_id, prepare_cache
 from t3d.finetune.networks import SegSpec
 from t3d.finetune.segdata import load_volume
 from t3d.finetune.segeval import InferenceSetting, predict_volume
+from t3d.pretrained import SEG_KIND
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def seg_command(args: argparse.Namespace) -> int:
 def load_seg_model(checkpoint: str | Path) -> tuple[torch.nn.Module, SegSpec]:
     """The network of a ``t3d finetune seg`` checkpoint (eval mode, CPU) and its spec."""
     state = load_checkpoint(checkpoint)
-    if state.get("kind") != "t3d-seg":
+    if state.get("kind") != SEG_KIND:
         raise ValueError(
             f"{checkpoint} is not a `t3d finetune seg` checkpoint (kind={state.get('kind')!r}); pass the fine-tuning "
             "run folder or its checkpoints/best.pt"

@@ -1,6 +1,7 @@
 """A pre-trained image encoder and the preprocessing it was trained with, from a checkpoint or an exported file.
 
     pre = load_pretrained("runs/pretrain")              # run folder, .pt checkpoint, or `t3d export` .safetensors
+    pre = load_pretrained("runs/finetune")              # or the encoder of a `t3d finetune seg` run (method "seg")
     pre.model.encoder, pre.model.preset                 # "swinvit", "base"
     pre.windows, pre.preprocess.spacing, pre.crop_size  # what downstream preprocessing must match
     pre.state                                           # Encoder-level keys: "swinViT.*" / "resnet.*" / "pool_norm.*"
@@ -35,6 +36,8 @@ from t3d.models.encoders import (
 from t3d.models.keymap import encoder_state
 
 EXPORT_FORMAT = "t3d-encoder/1"
+SEG_KIND = "t3d-seg"
+"""``kind`` of a ``t3d finetune seg`` checkpoint: its encoder can start another fine-tuning or be probed."""
 
 
 @dataclass
@@ -66,12 +69,14 @@ def load_pretrained(path: str | Path) -> PretrainedEncoder:
     if path.suffix == ".safetensors":
         return read_export(path)
     ckpt = load_checkpoint(path)
+    if ckpt.get("kind") == SEG_KIND:
+        return _from_segmentation(ckpt, path)
     cfg = ckpt.get("config")
     if not isinstance(cfg, dict) or "model" not in ckpt or not {"model", "preprocess", "crops"} <= set(cfg):
         kind = f" (a '{ckpt['kind']}' fine-tuning checkpoint)" if isinstance(ckpt.get("kind"), str) else ""
         raise ValueError(
             f"{path} is not a t3d pre-training checkpoint{kind}; pass a run folder of `t3d pretrain`, one of its "
-            "checkpoints/*.pt, or a file written by `t3d export`"
+            "checkpoints/*.pt, a `t3d finetune seg` run folder, or a file written by `t3d export`"
         )
     return PretrainedEncoder(
         state=encoder_state(ckpt["model"]),
@@ -82,6 +87,27 @@ def load_pretrained(path: str | Path) -> PretrainedEncoder:
         method=str(ckpt.get("method", cfg.get("method", ""))),
         step=int(ckpt.get("step", 0)),
         text_model=str(ckpt.get("text_model", "")),
+        source=str(path),
+    )
+
+
+def _from_segmentation(ckpt: dict, path: Path) -> PretrainedEncoder:
+    """The encoder of a ``t3d finetune seg`` checkpoint (its ``spec`` holds the model and input settings)."""
+    spec = ckpt.get("spec")
+    if not isinstance(spec, dict) or not {"model", "preprocess", "windows", "crop_size"} <= set(spec):
+        raise ValueError(
+            f"{path} is a '{SEG_KIND}' checkpoint without its network spec; pass a run folder written by "
+            "`t3d finetune seg` of this version"
+        )
+    state = encoder_state(ckpt.get("model", {}))  # EncoderUNet: encoder.*; SwinUNETR: swinViT.* next to the decoder
+    return PretrainedEncoder(
+        state={k: v for k, v in state.items() if k.startswith(("swinViT.", "resnet.", "pool_norm."))},
+        model=from_dict(ModelConfig, spec["model"]),
+        preprocess=from_dict(PreprocessConfig, spec["preprocess"]),
+        windows=tuple((float(lo), float(hi)) for lo, hi in spec["windows"]),
+        crop_size=tuple(int(s) for s in spec["crop_size"]),
+        method="seg",
+        step=int(ckpt.get("step", 0)),
         source=str(path),
     )
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t3d.checkpoint import latest_checkpoint, load_checkpoint
 from t3d.config import PretrainConfig
 from t3d.data.cache import StudyCache
 from t3d.data.crops import apply_windows, read_crop, window_params
@@ -43,6 +44,8 @@ from t3d.evaluate.joint import encode_studies, load_joint
 from t3d.evaluate.lesions import CropSite
 from t3d.models import build_encoder
 from t3d.models.encoders import Encoder
+from t3d.models.keymap import load_into
+from t3d.pretrained import SEG_KIND, load_pretrained
 
 
 @dataclass
@@ -86,9 +89,11 @@ def centre_cells(cells: Sequence[int], voxels: Sequence[int], region: Sequence[i
 def frozen_encoder(
     checkpoint: str | Path | None, cfg: PretrainConfig | None = None, seed: int = 0, device: torch.device | None = None
 ) -> FrozenEncoder:
-    """The encoder of a ``t3d pretrain`` checkpoint, or with ``checkpoint=None`` a randomly initialised one built
-    from ``cfg`` with ``torch.manual_seed(seed)`` (the ``random`` control)."""
+    """The encoder of a ``t3d pretrain`` checkpoint or of a ``t3d finetune seg`` run, or with ``checkpoint=None`` a
+    randomly initialised one built from ``cfg`` with ``torch.manual_seed(seed)`` (the ``random`` control)."""
     device = device or torch.device("cpu")
+    if checkpoint is not None and load_checkpoint(checkpoint).get("kind") == SEG_KIND:
+        return _segmentation_encoder(checkpoint, device)
     if checkpoint is not None:
         jm = load_joint(checkpoint, device)
         stat = os.stat(jm.path if Path(jm.path).is_file() else _final(Path(jm.path)))
@@ -100,6 +105,18 @@ def frozen_encoder(
     encoder = build_encoder(cfg.model, in_channels=cfg.crops.channels, img_size=tuple(cfg.crops.size)).to(device)
     spec = f"random|seed{seed}|{cfg.model}|{cfg.crops.size}|{cfg.crops.windows}"
     return FrozenEncoder(encoder.eval(), cfg.crops.size, cfg.crops.windows, spec, device)
+
+
+def _segmentation_encoder(checkpoint: str | Path, device: torch.device) -> FrozenEncoder:
+    """The encoder of a ``t3d finetune seg`` run as fine-tuning left it (segmentation never trains the pooling
+    norm: it keeps its initial identity, or the pre-training run's values for an EncoderUNet)."""
+    pre = load_pretrained(checkpoint)
+    encoder = build_encoder(pre.model, in_channels=pre.in_channels, img_size=pre.crop_size)
+    load_into(encoder, pre.state, prefix="swinViT." if pre.model.encoder == "swinvit" else "resnet.", strict=True)
+    path = Path(checkpoint)
+    stat = os.stat(path if path.is_file() else latest_checkpoint(path))
+    fingerprint = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|seg-step{pre.step}"
+    return FrozenEncoder(encoder.to(device).eval(), pre.crop_size, pre.windows, fingerprint, device)
 
 
 def _final(run_dir: Path) -> Path:

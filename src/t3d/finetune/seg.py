@@ -40,7 +40,7 @@ from t3d.finetune.segdata import PatchDataset, check_label_values, lesion_classe
 from t3d.finetune.segeval import InferenceSetting, evaluate_cases
 from t3d.finetune.segreport import plot_curves, plot_overlay, write_report
 from t3d.models.keymap import LoadReport, encoder_state_for_resnet, encoder_state_for_swinunetr, load_into
-from t3d.pretrained import PretrainedEncoder, load_pretrained
+from t3d.pretrained import SEG_KIND, PretrainedEncoder, load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def validate(net: nn.Module, run: SegRun, keys: list[str], step: int) -> dict:
 
 def save_best(net: nn.Module, run: SegRun, step: int, dice: float) -> Path:
     state = {
-        "kind": "t3d-seg",
+        "kind": SEG_KIND,
         "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "spec": run.spec.as_dict(),
         "config": to_dict(run.cfg),
