@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from seg_helpers import CROP, LABELS, write_msd, write_pretrain_checkpoint
-from t3d.checkpoint import load_checkpoint
+from t3d.checkpoint import load_checkpoint, save_checkpoint
 from t3d.cli import main
 from t3d.config import ConfigError, load_config
 from t3d.data.cache import StudyCache
@@ -175,6 +175,25 @@ def test_random_init_spec_comes_from_the_config():
     spec, pre = resolve_spec(cfg, {0: "background", 1: "organ"})
     assert pre is None and spec.crop_size == (96, 96, 96) and spec.windows == ((-100.0, 200.0),)
     assert spec.model.encoder == "resnet" and spec.num_classes == 2
+
+
+def test_a_segmentation_run_initialises_the_next_one(tmp_path):
+    """Sequential transfer: ``--init`` a ``t3d finetune seg`` run gives its encoder (not its decoder or head) to a
+    network with other classes, with the first run's inputs."""
+    pre = write_pretrain_checkpoint(tmp_path / "pre", "resnet", seed=2)
+    first, _ = resolve_spec(load_config(SegConfig, None, ["--init", str(pre)]), {0: "background", 1: "organ"})
+    torch.manual_seed(4)
+    net = first.build()
+    save_checkpoint({"kind": "t3d-seg", "model": net.state_dict(), "spec": first.as_dict(), "step": 5},
+                    tmp_path / "seg", "best")  # fmt: skip
+    cfg = load_config(SegConfig, None, ["--init", str(tmp_path / "seg")])
+    spec, weights = resolve_spec(cfg, {0: "background", 1: "organ", 2: "lesion"})
+    assert spec.windows == first.windows and spec.crop_size == first.crop_size and weights.method == "seg"
+    second = spec.build()
+    report = initialise(second, spec, weights)
+    assert report.missing == [] and report.unexpected == []
+    got, want = second.encoder.resnet.state_dict(), net.encoder.resnet.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 needs_einops = pytest.mark.skipif(importlib.util.find_spec("einops") is None, reason="MONAI's Swin needs einops")
