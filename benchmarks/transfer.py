@@ -40,6 +40,7 @@ from t3d.config import ConfigError, to_dict
 from t3d.data.cache import write_json_atomic
 from t3d.losses import method_spec
 from transfer_config import TransferConfig, load_transfer_config, run_stages
+from transfer_controls import SEG_CONTROL
 from transfer_plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def fingerprint(cfg: TransferConfig) -> dict[str, Any]:
     pre = ROOT / cfg.pretrain_config
     content = hashlib.sha256(pre.read_bytes()).hexdigest()[:16] if pre.is_file() else cfg.pretrain_config
     values = to_dict(cfg)
-    keep = ("data", "pretrain", "method_pretrain", "seg", "cls", "cls_finetune", "diagnostic_repeats")
+    keep = ("data", "pretrain", "method_pretrain", "seg", "seg_control", "cls", "cls_finetune", "diagnostic_repeats")
     # The probe studies are shared by every probe stage; the probes' other settings are checked per stage (Stage.done).
     return {"pretrain_config": content, **{k: values[k] for k in keep}, "probe_data": values["probes"]["data"]}
 
@@ -110,6 +111,8 @@ def method_cost(method: str, n_seeds: int) -> float:
     every pre-trained encoder adds the same fine-tuning work."""
     if method == "random":
         return 1.0 * n_seeds
+    if method == SEG_CONTROL:
+        return 2.5 * n_seeds  # its training is a segmentation run of seg_control.steps (1500: 3 x a 500-step one)
     spec = method_spec(method)
     if spec.findings:
         return 1.5 * n_seeds

@@ -17,13 +17,15 @@ from t3d.config import ConfigError, load_config
 from t3d.data.cache import write_json_atomic
 from t3d.evaluate.features import POOLINGS
 from t3d.losses import method_spec
+from transfer_controls import SEG_CONTROL
 
 RESULT = "result.json"
 
 
 def has_joint_space(method: str) -> bool:
-    """Pre-trained with image-report alignment (t3d family, clip): zero-shot and retrieval are defined."""
-    return method != "random" and method_spec(method).align != "none"
+    """Pre-trained with image-report alignment (t3d family, clip): zero-shot and retrieval are defined (not for the
+    controls, which have no text)."""
+    return method not in ("random", SEG_CONTROL) and method_spec(method).align != "none"
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -142,8 +144,9 @@ class TransferConfig:
     output: str = "benchmarks/results/transfer"
     """Report path stem: <output>.md, .json, .png and <output>_align.png."""
     controls: list[str] = field(default_factory=lambda: ["random", "supervised"])
-    """Lower (``random``: no pre-training) and upper (``supervised``: ground-truth findings) references, run for every
-    seed and listed apart from the methods; the sensitivity gate is their difference."""
+    """Lower (``random``: no pre-training) and upper references, run for every seed and listed apart from the
+    methods: ``supervised`` (ground-truth findings) and ``supervised-seg`` (segmentation of the pre-training studies'
+    label maps, ``transfer_controls``). The sensitivity gate is an upper reference minus ``random``."""
     main_methods: list[str] = field(default_factory=lambda: ["vssl", "vssl-contrastive", "vssl-restore", "clip", "t3d"])
     ablations: list[str] = field(default_factory=lambda: ["t3d-no-align", "t3d-hard", "t3d-uncond"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -166,6 +169,8 @@ class TransferConfig:
     the ``supervised`` control, whose per-crop targets need more steps than a contrastive batch does."""
     seg: dict = field(default_factory=dict)
     """SegConfig fields (``t3d finetune seg``); data, init, out, cache, fraction and seed are set per run."""
+    seg_control: dict = field(default_factory=lambda: {"steps": 1500})
+    """SegConfig fields on top of ``seg`` for the ``supervised-seg`` control's training on the pre-training studies."""
     cls: dict = field(default_factory=dict)
     """ClsConfig fields of the linear probe (``t3d finetune cls --probe``)."""
     cls_finetune: dict | None = None

@@ -36,6 +36,7 @@ from t3d.finetune.config import ClsConfig, SegConfig
 from t3d.finetune.segdata import read_msd
 from transfer_claims import alignment_gates, claims
 from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space
+from transfer_controls import SEG_CONTROL, seg_control_config
 from transfer_figures import plot_align, plot_cells
 from transfer_probes import frozen_seg_cells, prepare_probe_data, probe_cells, run_probe_stage, sensitivity_gate
 from transfer_report import render
@@ -85,7 +86,8 @@ class Plan:
         self.heldout_root = str(resolve(d.heldout_root)) if d.heldout_root else None
         self.cls_images = str(resolve(d.cls_images)) if d.cls_images else ""
         self.pretrain_findings = pick(d.pretrain_findings, "ground_truth.jsonl")
-        self.caches = {k: self.work / "caches" / k for k in ("pretrain", "seg", "cls", "heldout", "probe")}
+        caches = ("pretrain", "seg", "cls", "heldout", "probe", "seg_control")
+        self.caches = {k: self.work / "caches" / k for k in caches}
         p = cfg.probes.data
         self.probe_data = self.work / "probe_data"
         self.probe_findings = (
@@ -155,7 +157,12 @@ class Plan:
         pre = f"seed{seed}/{method}/pretrain"
         needs = ("prepare",) if method == "random" else ("prepare", pre)
         out = []
-        if method != "random":
+        if method == SEG_CONTROL:
+            meta = {"kind": "seg_control", **base}
+            out.append(
+                Stage(pre, run / "pretrain", lambda: run_seg_stage(seg_control_config(self, seed)), meta, ("prepare",))
+            )
+        elif method != "random":
             pcfg = self.pretrain_config(method, seed)
             out.append(Stage(pre, run / "pretrain", lambda: run_pretrain_stage(pcfg), {"kind": "pretrain", **base}))
         out.append(self._probe_stage(method, seed, base, needs))
@@ -265,6 +272,9 @@ class Plan:
         prepare_seg_cache(train + test, self.caches["seg"], pre, workers)
         prepare_label_cache(read_labels(self.cls_labels, self.cls_images or None), self.caches["cls"], pre, workers)
         prepare_study_cache(self.heldout_manifest, self.caches["heldout"], pre, root=self.heldout_root, workers=workers)
+        if SEG_CONTROL in self.cfg.controls:
+            train, _, _ = read_msd(seg_control_config(self, 0).data)
+            prepare_seg_cache(train, self.caches["seg_control"], pre, workers)
 
     def _textdiag(self, method: str, seed: int) -> dict:
         pcfg = self.pretrain_config(method, seed)

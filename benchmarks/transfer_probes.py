@@ -30,6 +30,7 @@ from t3d.evaluate.lesions import cross_check, lesion_sites
 from t3d.evaluate.probes import lesion_probe, stratum_names, study_probe
 from t3d.finetune.segdata import read_msd
 from transfer_config import ProbeSettings
+from transfer_controls import SEG_CONTROL
 from transfer_results import Results
 from transfer_stats import dice_cell, paired_auroc, paired_dice
 
@@ -157,14 +158,16 @@ def paired(results: Results, kind: str, metric: str, fraction, a: str, b: str, n
 
 
 def sensitivity_gate(results: list[dict], thresholds: list[float], fractions: list[float], n_boot: int) -> dict:
-    """The gate of every downstream metric: supervised - random and vssl - random with 95 % intervals."""
+    """The gate of every downstream metric: supervised - random, supervised-seg - random and vssl - random with 95 %
+    intervals."""
     table = Results([*results, *expand_probe_results(results, thresholds)])
     gate = {}
     for name, (kind, metric, fraction) in gate_metrics(thresholds, fractions).items():
         sup = paired(table, kind, metric, fraction, "supervised", "random", n_boot)
         ref = paired(table, kind, metric, fraction, "vssl", "random", n_boot)
-        entry = gate_entry(name, sup, ref)
-        entry["seeds"] = (sup or {}).get("seeds", [])
+        seg = paired(table, kind, metric, fraction, SEG_CONTROL, "random", n_boot)
+        entry = gate_entry(name, sup, ref, seg)
+        entry["seeds"] = (sup or seg or {}).get("seeds", [])
         gate[name] = entry
     return gate
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -277,14 +279,24 @@ def test_gate_logic():
         ),
         "lesion_dice": gate_entry("lesion_dice", {"value": 0.11, "low": 0.02, "high": 0.2}),
     }
-    assert sensitive_metrics(gate) == ["study_probe_auroc", "lesion_dice"]
+    gate["lesion_probe_auroc_small"] = gate_entry(
+        "lesion_probe_auroc_small",
+        {"value": 0.05, "low": -0.02, "high": 0.1},
+        None,
+        {"value": 0.2, "low": 0.1, "high": 0.3},
+    )  # the findings control fails, the segmentation control passes: the metric sees encoder content
+    assert sensitive_metrics(gate) == ["study_probe_auroc", "lesion_dice", "lesion_probe_auroc_small"]
+    assert gate["lesion_probe_auroc_small"]["sensitive_by"] == ["supervised-seg"]
+    assert gate["study_probe_auroc"]["sensitive_by"] == ["supervised"]
+    assert gate["organ_dice"]["sensitive_by"] == [] and math.isnan(gate["organ_dice"]["supervised_seg_minus_random"])
     entry = gate["organ_dice"]
     for key in ("supervised_minus_random", "ci_low", "ci_high", "vssl_minus_random", "vssl_ci_low", "sensitive"):
         assert key in entry
     assert entry["threshold"] == 0.10 and entry["vssl_minus_random"] == 0.01
     rows = gate_table(gate)
-    assert len(rows) == 5
+    assert len(rows) == 6 and all(r.count("|") == 7 for r in rows)
     assert NOT_SENSITIVE in rows[3] and "color:grey" in rows[3] and NOT_SENSITIVE not in rows[2]
+    assert "sensitive (supervised-seg)" in rows[5] and "+0.200 [+0.100, +0.300]" in rows[5]
 
 
 def test_strong_penalty_still_moves_from_zero_weights():

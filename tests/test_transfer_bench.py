@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import transfer  # noqa: E402
 import transfer_claims  # noqa: E402
 import transfer_config  # noqa: E402
+import transfer_controls  # noqa: E402
+import transfer_plan  # noqa: E402
 import transfer_probes  # noqa: E402
 import transfer_report  # noqa: E402
 import transfer_results  # noqa: E402
@@ -362,6 +365,50 @@ def test_seg_subset_keeps_the_first_test_studies(tmp_path):
     assert Path(sub["training"][0]["label"]).is_absolute()
 
 
+def _labelled_world(work: Path, labelled: bool = True) -> None:
+    """The files a plan reads for the segmentation control: pre-training manifest (+ label maps), splits, seg set."""
+    data = work / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels").mkdir()
+    rows = []
+    for i in range(4):
+        for kind in ("images", "labels"):
+            (data / kind / f"s{i}.nii.gz").write_bytes(b"")
+        row = {"id": f"s{i}", "image": f"images/s{i}.nii.gz", "report": "No findings."}
+        rows.append({**row, "label": f"labels/s{i}.nii.gz"} if labelled or i else row)
+    (data / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "splits.json").write_text(json.dumps({"pretrain": ["s0", "s1", "s2"], "finetune": ["s3"], "test": []}))
+    desc = {"labels": {"0": "background", "1": "liver"}, "training": [], "test": [{"image": "t.nii.gz", "label": "l"}]}
+    (work / "prep").mkdir()
+    (work / "prep" / "seg_dataset.json").write_text(json.dumps(desc))
+
+
+def test_the_segmentation_control_trains_on_the_pretraining_label_maps(tmp_path):
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_gate_smoke.yaml", smoke=True)
+    cfg.controls = [*cfg.controls, "supervised-seg"]
+    cfg.seg_control = {"steps": 9}
+    plan = Plan(cfg, tmp_path / "w")
+    _labelled_world(plan.work)
+    stages = {s.name: s for s in plan.stages()}
+    control = stages["seed0/supervised-seg/pretrain"]
+    assert control.meta["kind"] == "seg_control" and control.out == plan.run_dir("supervised-seg", 0) / "pretrain"
+    scfg = transfer_controls.seg_control_config(plan, 0)
+    desc = json.loads(Path(scfg.data).read_text())
+    assert [Path(e["image"]).name for e in desc["training"]] == ["s0.nii.gz", "s1.nii.gz", "s2.nii.gz"]
+    assert all(Path(e["label"]).is_absolute() and e["label"].endswith(".nii.gz") for e in desc["training"])
+    assert desc["test"] == [{"image": "t.nii.gz", "label": "l"}] and desc["labels"]["1"] == "liver"
+    assert (scfg.steps, scfg.seed, scfg.init, scfg.fraction) == (9, 0, "random", 1.0)  # the pre-training seed
+    assert scfg.lr == cfg.seg["lr"] and scfg.model == plan.pretrain_config("t3d", 0).model
+    seg = plan.downstream_config(transfer_plan.SegConfig, cfg.seg, "supervised-seg", 0)
+    assert seg.init == str(control.out)  # every downstream stage starts from the control's segmentation run
+    assert transfer.method_cost("supervised-seg", 1) > transfer.method_cost("random", 1)
+    for gone in ("prep", "data"):
+        shutil.rmtree(plan.work / gone)
+    _labelled_world(plan.work, labelled=False)
+    with pytest.raises(ValueError, match="no label map for 1 of them .*s0.*'label' column"):
+        transfer_controls.seg_control_config(plan, 0)
+
+
 def test_jobs_partition_covers_every_method_once_and_balances_cost():
     cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml")
     groups = transfer.partition(cfg, 2)
@@ -409,7 +456,8 @@ def _seg_result(kind: str, method: str, seed: int, organ: float) -> dict:
 def test_sensitivity_gate_from_stage_results():
     results = []
     for seed in (0, 1):
-        for method, signal, organ in (("random", 0.0, 0.3), ("supervised", 2.0, 0.8), ("vssl", 0.1, 0.31)):
+        runs = (("random", 0.0, 0.3), ("supervised", 2.0, 0.8), ("vssl", 0.1, 0.31), ("supervised-seg", 2.0, 0.3))
+        for method, signal, organ in runs:
             results.append(_probe_result(method, seed, signal))
             results += [_seg_result(k, method, seed, organ) for k in ("seg", "frozen_seg")]
     gate = transfer_probes.sensitivity_gate(results, [10.0], [1.0], n_boot=300)
@@ -423,6 +471,9 @@ def test_sensitivity_gate_from_stage_results():
     assert abs(gate["organ_dice"]["vssl_minus_random"]) < 0.05
     assert not gate["lesion_dice"]["sensitive"]  # equal for every method
     assert not gate["small_lesion_dice"]["sensitive"]  # not measured: no small lesions in these cases
+    assert gate["study_probe_auroc"]["sensitive_by"] == ["supervised", "supervised-seg"]
+    assert gate["organ_dice"]["sensitive_by"] == ["supervised"]  # the segmentation control: no better than random
+    assert abs(gate["organ_dice"]["supervised_seg_minus_random"]) < 0.05
     summary_lines = transfer_report.gate_lines({"gate": gate})
     assert summary_lines[0].startswith("## Sensitivity gate") and "not sensitive at this budget" in "\n".join(
         summary_lines
