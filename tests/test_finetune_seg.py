@@ -89,6 +89,24 @@ def test_patches_are_deterministic_and_find_the_small_lesion(dataset, shared_cac
         SegConfig(flip_axes=("left",))
 
 
+def test_lesion_weight_draws_lesion_classes_in_proportion(dataset, shared_cache):
+    train, _, _ = read_msd(dataset)
+    keys = list(prepare_cache(train[:2], shared_cache, write_pretrain_config_preprocess(), workers=1).values())
+    cache, windows = StudyCache(shared_cache), load_config(SegConfig).windows
+    kw = {"pos_fraction": 1.0, "flip_prob": 0.0, "length": 60}
+
+    uniform = PatchDataset(cache, keys, windows, CROP, **kw)
+    same = PatchDataset(cache, keys, windows, CROP, class_weights={1: 3.0, 2: 3.0}, **kw)  # equal weights: uniform
+    assert all(torch.equal(uniform[i]["label"], same[i]["label"]) for i in range(5))
+    weighted = PatchDataset(cache, keys, windows, CROP, class_weights={2: 20.0}, **kw)
+    rng = np.random.default_rng(0)
+    draws = np.bincount([weighted.pick_class([1, 2], rng) for _ in range(2000)], minlength=2) / 2000
+    assert abs(draws[1] - 20 / 21) < 0.02  # the lesion class in proportion to its weight
+    assert weighted.pick_class([1, 2], rng) in (0, 1) and uniform.class_weights == {}
+    with pytest.raises(ConfigError, match="lesion_weight"):
+        SegConfig(lesion_weight=0.0)
+
+
 def write_pretrain_config_preprocess():
     from seg_helpers import pretrain_config
 

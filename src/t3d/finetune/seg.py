@@ -212,6 +212,11 @@ def run_seg(cfg: SegConfig) -> dict:
     return metrics
 
 
+def lesion_set(cfg: SegConfig, labels: dict[int, str]) -> list[int]:
+    """The lesion classes of a run: ``lesion_labels``, else those named like lesions."""
+    return list(cfg.lesion_labels) if cfg.lesion_labels is not None else lesion_classes(labels)
+
+
 def train(net: nn.Module, run: SegRun, keyed: dict[str, list[str]]) -> tuple[list[dict], list[dict], dict]:
     """Patch training with periodic validation; the best model (mean val Dice) is saved as checkpoints/best.pt."""
     cfg, device = run.cfg, run.device
@@ -225,6 +230,7 @@ def train(net: nn.Module, run: SegRun, keyed: dict[str, list[str]]) -> tuple[lis
         cfg.seed,
         length=cfg.steps * cfg.batch_size,
         flip_axes=cfg.flip_axes,
+        class_weights={c: cfg.lesion_weight for c in lesion_set(cfg, run.spec.labels)},
     )
     loader = DataLoader(
         data, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda"
@@ -300,7 +306,7 @@ def test_and_plot(net: nn.Module, run: SegRun, keys: list[str], labels: dict[int
         log.warning("no test studies: metrics.json has no test scores")
         return {}
     cfg = run.cfg
-    lesions = list(cfg.lesion_labels) if cfg.lesion_labels is not None else lesion_classes(labels)
+    lesions = lesion_set(cfg, labels)
     res = evaluate_cases(
         net,
         run.cache,

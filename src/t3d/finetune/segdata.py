@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +137,9 @@ class PatchDataset(Dataset):
 
     Item ``i`` comes from study ``keys[i % len(keys)]`` (each study equally often) with draws from a generator seeded
     by ``(seed, i)``, so it does not depend on the number of DataLoader workers. With probability ``pos_fraction``
-    the patch is centred on a voxel of a class drawn uniformly among the foreground classes present in the study,
-    else on a random body voxel. Centres are moved inwards so the patch lies inside the volume when it fits.
+    the patch is centred on a voxel of a class drawn among the foreground classes present in the study (uniformly,
+    or in proportion to ``class_weights``, default 1 per class), else on a random body voxel. Centres are moved
+    inwards so the patch lies inside the volume when it fits.
 
     Item: ``image`` float32 (C, D, H, W) windowed, ``label`` int64 (1, D, H, W), ``id`` str.
     """
@@ -154,6 +155,7 @@ class PatchDataset(Dataset):
         seed: int = 0,
         length: int = 1000,
         flip_axes: Sequence[str] = ("AP",),
+        class_weights: Mapping[int, float] | None = None,
     ) -> None:
         if not keys:
             raise ValueError("PatchDataset needs at least one cached study")
@@ -162,24 +164,33 @@ class PatchDataset(Dataset):
         self.size = tuple(int(s) for s in size)
         self.pos_fraction, self.flip_prob, self.seed, self.length = pos_fraction, flip_prob, seed, length
         self.flip_mask = np.array([axis in flip_axes for axis in RAS_AXES])
-        self._points: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
+        self.class_weights = {int(k): float(v) for k, v in (class_weights or {}).items()}
+        self._points: dict[str, tuple[list[int], list[np.ndarray], np.ndarray]] = {}
 
     def __len__(self) -> int:
         return self.length
 
-    def points(self, key: str) -> tuple[list[np.ndarray], np.ndarray]:
-        """Per present foreground class: (N, 3) voxel positions (subsampled); and body voxels (M, 3)."""
+    def points(self, key: str) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+        """The foreground classes present, per class its (N, 3) voxel positions (subsampled), and body voxels (M, 3)."""
         if key not in self._points:
             label = np.asarray(self.cache.label(key))
             rng = np.random.default_rng(self.seed)
-            per_class = []
+            classes, per_class = [], []
             for c in np.unique(label):
                 if c == 0:
                     continue
                 idx = np.argwhere(label == c)
+                classes.append(int(c))
                 per_class.append(idx[rng.choice(len(idx), MAX_POINTS, replace=False)] if len(idx) > MAX_POINTS else idx)
-            self._points[key] = (per_class, self.cache.foreground(key))
+            self._points[key] = (classes, per_class, self.cache.foreground(key))
         return self._points[key]
+
+    def pick_class(self, classes: list[int], rng: np.random.Generator) -> int:
+        """Index into ``classes`` of the class a positive patch is centred on."""
+        w = np.array([self.class_weights.get(c, 1.0) for c in classes])
+        if np.all(w == w[0]):
+            return int(rng.integers(len(classes)))  # uniform: the draw of runs without class weights
+        return int(rng.choice(len(classes), p=w / w.sum()))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         key = self.keys[index % len(self.keys)]
@@ -187,9 +198,9 @@ class PatchDataset(Dataset):
         image, label = self.cache.image(key), self.cache.label(key)
         if label is None:
             raise ValueError(f"study {key} has no label map in the cache {self.cache.root}")
-        per_class, body = self.points(key)
+        classes, per_class, body = self.points(key)
         if per_class and rng.random() < self.pos_fraction:
-            pts = per_class[rng.integers(len(per_class))]
+            pts = per_class[self.pick_class(classes, rng)]
         else:
             pts = body
         shape = np.asarray(image.shape)
