@@ -360,10 +360,12 @@ def gate_lines(s: dict) -> list[str]:
         "",
         *gate_table(s["gate"]),
         "",
-        "supervised = the same encoder pre-trained on the ground-truth findings (upper control); random = no "
-        "pre-training (lower control). A metric is *sensitive* when supervised − random is at least 0.15 (AUROC) or "
-        f"0.10 (Dice) with a 95 % interval excluding 0; greyed metrics are {NOT_SENSITIVE} and are not used for "
-        "claims. Intervals: paired bootstrap over seeds and test cases (studies; lesion crops for the lesion probe).",
+        "Upper controls: supervised = the same encoder pre-trained on the ground-truth findings; supervised-seg = "
+        "the same encoder trained to segment the pre-training studies' label maps (organs and lesions). random = no "
+        "pre-training (lower control). A metric is *sensitive* when an upper control minus random is at least 0.15 "
+        f"(AUROC) or 0.10 (Dice) with a 95 % interval excluding 0; greyed metrics are {NOT_SENSITIVE} and are not "
+        "used for claims. Intervals: paired bootstrap over seeds and test cases (studies; lesion crops for the lesion "
+        "probe).",
         "",
     ]
 
