@@ -332,6 +332,8 @@ class Plan:
         pretrain = [r for r in results if r["kind"] == "pretrain"]
         keep = ("method", "seed", "steps", "batch", "log_b", "final", "curve", "seconds")
         summary["pretrain"] = [{k: r[k] for k in keep if k in r} for r in pretrain]  # curve: per logged step
+        keep = ("method", "seed", "dice_per_class", "dice_mean", "n_train", "seconds")
+        summary["seg_control"] = [{k: r.get(k) for k in keep} for r in results if r["kind"] == "seg_control"]
         summary["textdiag"] = [r for r in results if r["kind"] == "textdiag"]
         summary["retrieval"] = [r for r in results if r["kind"] == "retrieval"]
         self.output.with_suffix(".md").write_text(render(summary, pretrain))

@@ -367,7 +367,10 @@ def gate_lines(s: dict) -> list[str]:
         "used for claims. Intervals: paired bootstrap over seeds and test cases (studies; lesion crops for the lesion "
         "probe).",
         "",
-    ]
+        *[f"supervised-seg (seed {r['seed']}, {r['n_train']} training studies), its own test Dice per class: "
+          + ", ".join(f"{k} {'—' if v is None else f'{v:.2f}'}" for k, v in r["dice_per_class"].items()) + "\n"
+          for r in s.get("seg_control") or []],
+    ]  # fmt: skip
 
 
 def alignment_lines(s: dict) -> list[str]:
