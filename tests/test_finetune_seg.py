@@ -14,7 +14,7 @@ from t3d.config import ConfigError, load_config
 from t3d.data.cache import StudyCache
 from t3d.data.cases import prepare_cache
 from t3d.finetune.config import SegConfig
-from t3d.finetune.seg import initialise, resolve_spec
+from t3d.finetune.seg import build_criterion, initialise, resolve_spec
 from t3d.finetune.segdata import PatchDataset, lesion_classes, make_splits, read_msd
 
 FAST = ["--steps", "3", "--val_every", "2", "--batch_size", "1", "--workers", "0", "--warmup_steps", "1",
@@ -105,6 +105,17 @@ def test_lesion_weight_draws_lesion_classes_in_proportion(dataset, shared_cache)
     assert weighted.pick_class([1, 2], rng) in (0, 1) and uniform.class_weights == {}
     with pytest.raises(ConfigError, match="lesion_weight"):
         SegConfig(lesion_weight=0.0)
+
+
+def test_lesion_loss_weight_weights_the_lesion_classes_of_both_terms():
+    labels = {0: "background", 1: "liver", 2: "liver_lesion", 3: "lung_nodule"}
+    assert build_criterion(SegConfig(), labels).cross_entropy.weight is None  # unweighted by default
+    crit = build_criterion(SegConfig(lesion_loss_weight=5.0), labels)
+    assert crit.cross_entropy.weight.tolist() == crit.dice.class_weight.tolist() == [1.0, 1.0, 5.0, 5.0]
+    crit = build_criterion(SegConfig(lesion_loss_weight=5.0, lesion_labels=(3,)), labels)
+    assert crit.cross_entropy.weight.tolist() == [1.0, 1.0, 1.0, 5.0]
+    with pytest.raises(ConfigError, match="lesion_loss_weight"):
+        SegConfig(lesion_loss_weight=-1.0)
 
 
 def write_pretrain_config_preprocess():

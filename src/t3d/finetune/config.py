@@ -116,6 +116,9 @@ class SegConfig(FinetuneConfig):
     """Weight of each lesion class (``lesion_labels``) against 1 for every other class when drawing the class a
     positive patch is centred on. At 1 (uniform) a lesion class present in a fifth of the studies centres ~1-2 % of
     the patches, and in all the others the soft Dice term pushes its probability down; > 1 samples lesions more."""
+    lesion_loss_weight: float = 1.0
+    """Class weight of each lesion class (``lesion_labels``) in the Dice and cross-entropy terms (``weight`` of
+    ``monai.losses.DiceCELoss``), 1 for every other class; 1 = unweighted."""
     flip_prob: float = 0.5
     """Flip probability per allowed axis (``flip_axes``) of training patches (image and label together)."""
     flip_axes: tuple[str, ...] = ("AP",)
@@ -149,6 +152,8 @@ class SegConfig(FinetuneConfig):
             check_seg_crop(self.crop_size, "crop_size")
         if not 0 <= self.pos_fraction <= 1 or not 0 <= self.flip_prob <= 1:
             raise ConfigError("pos_fraction and flip_prob must be probabilities in [0, 1]")
+        if not self.lesion_loss_weight > 0:
+            raise ConfigError(f"lesion_loss_weight must be > 0 (1 = unweighted), got {self.lesion_loss_weight}")
         if not self.lesion_weight > 0:
             raise ConfigError(
                 f"lesion_weight must be > 0 (1 = lesion classes as often as the others), got {self.lesion_weight}"

@@ -217,6 +217,18 @@ def lesion_set(cfg: SegConfig, labels: dict[int, str]) -> list[int]:
     return list(cfg.lesion_labels) if cfg.lesion_labels is not None else lesion_classes(labels)
 
 
+def build_criterion(cfg: SegConfig, labels: dict[int, str]) -> DiceCELoss:
+    """Dice + cross-entropy over every class (background included; channel = label value), the lesion classes
+    weighted by ``lesion_loss_weight``."""
+    weight = None
+    if cfg.lesion_loss_weight != 1.0:
+        weight = torch.ones(len(labels))
+        weight[[c for c in lesion_set(cfg, labels) if 0 < c < len(labels)]] = cfg.lesion_loss_weight
+    return DiceCELoss(
+        to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.ce_weight, weight=weight
+    )
+
+
 def train(net: nn.Module, run: SegRun, keyed: dict[str, list[str]]) -> tuple[list[dict], list[dict], dict]:
     """Patch training with periodic validation; the best model (mean val Dice) is saved as checkpoints/best.pt."""
     cfg, device = run.cfg, run.device
@@ -235,7 +247,7 @@ def train(net: nn.Module, run: SegRun, keyed: dict[str, list[str]]) -> tuple[lis
     loader = DataLoader(
         data, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda"
     )
-    criterion = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight, lambda_ce=cfg.ce_weight)
+    criterion = build_criterion(cfg, run.spec.labels)
     optimizer, scheduler = build_optimizer(net, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     val_keys = keyed["val"][: cfg.max_val_cases or None]
