@@ -247,7 +247,7 @@ def train(net: nn.Module, run: SegRun, keyed: dict[str, list[str]]) -> tuple[lis
     loader = DataLoader(
         data, batch_size=cfg.batch_size, num_workers=cfg.workers, drop_last=True, pin_memory=device.type == "cuda"
     )
-    criterion = build_criterion(cfg, run.spec.labels)
+    criterion = build_criterion(cfg, run.spec.labels).to(device)  # class weights live with the logits
     optimizer, scheduler = build_optimizer(net, cfg)
     use_amp = cfg.amp and device.type == "cuda"
     val_keys = keyed["val"][: cfg.max_val_cases or None]
