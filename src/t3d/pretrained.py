@@ -70,7 +70,7 @@ def load_pretrained(path: str | Path) -> PretrainedEncoder:
         return read_export(path)
     ckpt = load_checkpoint(path)
     if ckpt.get("kind") == SEG_KIND:
-        return _from_segmentation(ckpt, path)
+        return segmentation_encoder(ckpt, path)
     cfg = ckpt.get("config")
     if not isinstance(cfg, dict) or "model" not in ckpt or not {"model", "preprocess", "crops"} <= set(cfg):
         kind = f" (a '{ckpt['kind']}' fine-tuning checkpoint)" if isinstance(ckpt.get("kind"), str) else ""
@@ -91,8 +91,9 @@ def load_pretrained(path: str | Path) -> PretrainedEncoder:
     )
 
 
-def _from_segmentation(ckpt: dict, path: Path) -> PretrainedEncoder:
-    """The encoder of a ``t3d finetune seg`` checkpoint (its ``spec`` holds the model and input settings)."""
+def segmentation_encoder(ckpt: dict, path: str | Path) -> PretrainedEncoder:
+    """The encoder of a ``t3d finetune seg`` checkpoint ``ckpt`` read from ``path`` (its ``spec`` holds the model and
+    input settings)."""
     spec = ckpt.get("spec")
     if not isinstance(spec, dict) or not {"model", "preprocess", "windows", "crop_size"} <= set(spec):
         raise ValueError(

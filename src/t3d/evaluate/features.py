@@ -45,7 +45,7 @@ from t3d.evaluate.lesions import CropSite
 from t3d.models import build_encoder
 from t3d.models.encoders import Encoder
 from t3d.models.keymap import load_into
-from t3d.pretrained import SEG_KIND, load_pretrained
+from t3d.pretrained import SEG_KIND, PretrainedEncoder, segmentation_encoder
 
 
 @dataclass
@@ -92,10 +92,11 @@ def frozen_encoder(
     """The encoder of a ``t3d pretrain`` checkpoint or of a ``t3d finetune seg`` run, or with ``checkpoint=None`` a
     randomly initialised one built from ``cfg`` with ``torch.manual_seed(seed)`` (the ``random`` control)."""
     device = device or torch.device("cpu")
-    if checkpoint is not None and load_checkpoint(checkpoint).get("kind") == SEG_KIND:
-        return _segmentation_encoder(checkpoint, device)
     if checkpoint is not None:
-        jm = load_joint(checkpoint, device)
+        state = load_checkpoint(checkpoint)
+        if state.get("kind") == SEG_KIND:
+            return _segmentation_encoder(segmentation_encoder(state, checkpoint), device)
+        jm = load_joint(checkpoint, device, state)
         stat = os.stat(jm.path if Path(jm.path).is_file() else _final(Path(jm.path)))
         fingerprint = f"{Path(jm.path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|step{jm.step}"
         return FrozenEncoder(jm.model.encoder.eval(), jm.cfg.crops.size, jm.cfg.crops.windows, fingerprint, device)
@@ -107,13 +108,12 @@ def frozen_encoder(
     return FrozenEncoder(encoder.eval(), cfg.crops.size, cfg.crops.windows, spec, device)
 
 
-def _segmentation_encoder(checkpoint: str | Path, device: torch.device) -> FrozenEncoder:
+def _segmentation_encoder(pre: PretrainedEncoder, device: torch.device) -> FrozenEncoder:
     """The encoder of a ``t3d finetune seg`` run as fine-tuning left it (segmentation never trains the pooling
     norm: it keeps its initial identity, or the pre-training run's values for an EncoderUNet)."""
-    pre = load_pretrained(checkpoint)
     encoder = build_encoder(pre.model, in_channels=pre.in_channels, img_size=pre.crop_size)
     load_into(encoder, pre.state, prefix="swinViT." if pre.model.encoder == "swinvit" else "resnet.", strict=True)
-    path = Path(checkpoint)
+    path = Path(pre.source)
     stat = os.stat(path if path.is_file() else latest_checkpoint(path))
     fingerprint = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|seg-step{pre.step}"
     return FrozenEncoder(encoder.to(device).eval(), pre.crop_size, pre.windows, fingerprint, device)

@@ -76,10 +76,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_joint(path: str | Path, device: torch.device | None = None) -> JointModel:
-    """Rebuild ``PretrainModel`` from a checkpoint file or run folder (strict key matching), in eval mode."""
+def load_joint(path: str | Path, device: torch.device | None = None, state: dict | None = None) -> JointModel:
+    """Rebuild ``PretrainModel`` from a checkpoint file or run folder (strict key matching), in eval mode;
+    ``state``: that checkpoint, already read."""
     device = device or default_device()
-    state = load_checkpoint(path)
+    state = load_checkpoint(path) if state is None else state
     missing = [k for k in ("model", "config", "method") if k not in state]
     if missing:
         raise ValueError(

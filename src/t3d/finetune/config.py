@@ -26,7 +26,8 @@ class FinetuneConfig:
     data: str = ""
     """Dataset description: MSD ``dataset.json`` (segmentation) or labels CSV (classification)."""
     init: str = "random"
-    """Pre-training run folder / checkpoint ``.pt`` / ``t3d export`` ``.safetensors``, or ``random`` (baseline)."""
+    """Pre-training run folder / checkpoint ``.pt`` / ``t3d export`` ``.safetensors``, a ``t3d finetune seg`` run (its
+    encoder), or ``random`` (baseline)."""
     out: str = "runs/finetune"
     """Run folder: config, subset/splits, best checkpoint, metrics.json, report.md, figures."""
     cache: str = ""
