@@ -94,8 +94,8 @@ def main(argv: list[str]) -> int:
         }
         if name == "random":
             out["voxel statistics"] = {"lesion_probe_auroc": res["lesion_voxel_stats"]["strata"]}
-    table = Results([*stages, *expand_probe_results(stages, cfg.probes.size_thresholds_mm)])
-    kinds = sorted({kind for kind, *_ in table.by_key if kind.endswith("_probe") or kind.startswith("lesion_probe_")})
+    table = Results([*stages, *expand_probe_results(stages, cfg.probes.size_thresholds_mm, cfg.probes.focal_findings)])
+    kinds = sorted({kind for kind, *_ in table.by_key if kind.startswith(("study_probe", "lesion_probe_"))})
     for name in encoders:
         out[name]["minus_random"] = {
             kind: paired(table, kind, "auroc", None, name, "random", cfg.n_boot) for kind in kinds

@@ -13,8 +13,9 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from t3d.config import ConfigError, load_config
+from t3d.config import ConfigError, load_config, to_dict
 from t3d.data.cache import write_json_atomic
+from t3d.data.synthetic.findings import CSV_COLUMNS, FOCAL
 from t3d.evaluate.features import POOLINGS
 from t3d.losses import method_spec
 from transfer_controls import SEG_CONTROL
@@ -117,6 +118,11 @@ class ProbeSettings:
     """Split and lesion-site sampling: the same for every method."""
     lesion_labels: list[int] = field(default_factory=lambda: [9, 10, 11, 12])
     """Label classes whose connected components are lesions (synthetic: liver lesion, cyst, nodule, stone)."""
+    focal_findings: list[str] = field(default_factory=lambda: [CSV_COLUMNS[f] for f in FOCAL])
+    """Findings-CSV columns that are focal lesions (synthetic: liver lesion, renal cyst, lung nodule, kidney stone).
+    Besides the macro over every finding, the study probe is scored on these (``study_probe_auroc_focal``) and on
+    the others (``study_probe_auroc_diffuse``: effusion, organ size or attenuation) apart; empty: the macro only.
+    A reporting choice: the probe stages do not depend on it."""
     size_thresholds_mm: list[float] = field(default_factory=lambda: [10.0])
     """Lesion-size strata edges (equivalent diameter); one edge gives ``small`` and ``large``."""
     negatives_per_lesion: int = 1
@@ -132,6 +138,12 @@ class ProbeSettings:
     n_boot: int = 1000
     overlap: float = 0.25
     max_crops: int = 27
+
+
+def probe_stage_settings(s: ProbeSettings) -> dict:
+    """A probe stage's settings (JSON): every ``ProbeSettings`` field but the probe studies (the work folder's
+    fingerprint) and how the report groups the findings (``focal_findings``)."""
+    return json.loads(json.dumps({k: v for k, v in to_dict(s).items() if k not in ("data", "focal_findings")}))
 
 
 @dataclass

@@ -35,7 +35,7 @@ from t3d.evaluate.studies import read_split
 from t3d.finetune.config import ClsConfig, SegConfig
 from t3d.finetune.segdata import read_msd
 from transfer_claims import alignment_gates, claims
-from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space
+from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space, probe_stage_settings
 from transfer_controls import SEG_CONTROL, seg_control_config
 from transfer_figures import plot_align, plot_cells
 from transfer_probes import frozen_seg_cells, prepare_probe_data, probe_cells, run_probe_stage, sensitivity_gate
@@ -202,7 +202,7 @@ class Plan:
             s = self.cfg.probes
             return run_probe_stage(ckpt, pcfg, s, self.caches["probe"], self.probe_findings, out, seed)
 
-        settings = json.loads(json.dumps({k: v for k, v in to_dict(self.cfg.probes).items() if k != "data"}))
+        settings = probe_stage_settings(self.cfg.probes)
         meta = {"kind": "probes", **base, "settings": settings}
         return Stage(f"seed{seed}/{method}/probes", out, run, meta, (*needs, "probe_data"))
 
@@ -320,9 +320,9 @@ class Plan:
         table = Results(results, cfg.data.lesion_labels)
         summary = summarise(table, methods, cfg.fractions, cfg.vssl_methods, metrics, cfg.n_boot)
         summary.update(self.context(results), metrics=metrics, methods=methods, controls=list(cfg.controls))
-        thresholds = list(cfg.probes.size_thresholds_mm)
-        summary["gate"] = sensitivity_gate(results, thresholds, list(cfg.fractions), cfg.n_boot)
-        summary["probes"] = probe_cells(results, methods, thresholds)
+        thresholds, focal = list(cfg.probes.size_thresholds_mm), list(cfg.probes.focal_findings)
+        summary["gate"] = sensitivity_gate(results, thresholds, list(cfg.fractions), cfg.n_boot, focal)
+        summary["probes"] = probe_cells(results, methods, thresholds, focal, cfg.probes.n_boot)
         summary["frozen_seg"] = frozen_seg_cells(table, methods, max(cfg.fractions), cfg.n_boot)
         summary["alignment_gates"] = alignment_gates(results)
         summary["claims"] = claims(results, thresholds, cfg.fractions, cfg.vssl_methods, summary["gate"], cfg.n_boot)

@@ -32,7 +32,7 @@ from t3d.finetune.segdata import read_msd
 from transfer_config import ProbeSettings
 from transfer_controls import SEG_CONTROL
 from transfer_results import Results
-from transfer_stats import dice_cell, paired_auroc, paired_dice
+from transfer_stats import auroc_cell, dice_cell, paired_auroc, paired_dice
 
 
 def prepare_probe_data(s: ProbeSettings, folder: Path, cache: Path, preprocess: PreprocessConfig, workers: int) -> dict:
@@ -78,7 +78,12 @@ def run_probe_stage(
         study = study_probe(x.numpy(), y, rows, names, s.l2, s.steps, s.n_boot, seed)
         test = [n for n, r in enumerate(rows) if r == "test"]
         result["study"] = {"metrics": study["metrics"], "l2": study["l2"], "sweep": study["sweep"]}
-        result["study_scores"] = {"ids": [got[n] for n in test], "y": study["labels"], "p": study["scores"]}
+        result["study_scores"] = {
+            "ids": [got[n] for n in test],
+            "y": study["labels"],
+            "p": study["scores"],
+            "names": names,
+        }
     sites = lesion_sites(cache, ids, s.lesion_labels, enc.crop_size, s.negatives_per_lesion, s.seed, split)
     key = f"{enc.fingerprint}|{cache}|{len(sites)}|{s.seed}|{s.negatives_per_lesion}|{s.lesion_labels}"
     key += f"|{s.lesion_pooling}|{s.voxel_region}"
@@ -107,16 +112,30 @@ VOXEL_STATS = "voxel statistics"
 """Row name of the lesion probe's non-learned control (HU statistics of the crop's central box)."""
 
 
-def expand_probe_results(results: list[dict], thresholds: list[float]) -> list[dict]:
-    """Per probe stage, pseudo stage results in the (ids, y, p) layout the report's cells read: ``study_probe``
-    and one ``lesion_probe_<stratum>`` per size stratum."""
+def finding_groups(r: dict, focal) -> dict[str, list[int]]:
+    """Study-probe columns of a probe stage result by group: ``focal`` (the findings named in ``focal``) and
+    ``diffuse`` (the rest); empty unless both groups have a column."""
+    names = r["study_scores"].get("names") or list(r.get("study", {}).get("metrics", {}).get("per_class", {}))
+    groups = {"focal": [c for c, n in enumerate(names) if n in focal]}
+    groups["diffuse"] = [c for c, n in enumerate(names) if n not in focal]
+    return groups if focal and all(groups.values()) else {}
+
+
+def expand_probe_results(results: list[dict], thresholds: list[float], focal=()) -> list[dict]:
+    """Per probe stage, pseudo stage results in the (ids, y, p) layout the report's cells read: ``study_probe``,
+    ``study_probe_focal`` and ``study_probe_diffuse`` (``finding_groups``) and one ``lesion_probe_<stratum>`` per
+    size stratum."""
     out = []
     for r in results:
         if r.get("kind") != "probes":
             continue
         base = {"method": r["method"], "seed": r["seed"]}
         if "study_scores" in r:
-            out.append({**base, "kind": "study_probe", **r["study_scores"]})
+            scores = r["study_scores"]
+            out.append({**base, "kind": "study_probe", **scores})
+            for group, cols in finding_groups(r, focal).items():
+                y, p = (np.asarray(scores[k], dtype=float)[:, cols].tolist() for k in ("y", "p"))
+                out.append({**base, "kind": f"study_probe_{group}", "ids": scores["ids"], "y": y, "p": p})
         t = r["lesion"]["test"]
         for k, name in enumerate(stratum_names(thresholds)):
             keep = [n for n, s in enumerate(t["stratum"]) if s == k]
@@ -125,9 +144,11 @@ def expand_probe_results(results: list[dict], thresholds: list[float]) -> list[d
     return out
 
 
-def gate_metrics(thresholds: list[float], fractions: list[float]) -> dict[str, tuple[str, str, float | None]]:
+def gate_metrics(thresholds: list[float], fractions: list[float], focal=()) -> dict[str, tuple[str, str, float | None]]:
     """Gate metric name -> (stage kind, metric, fraction) for every downstream metric of the benchmark."""
     metrics: dict[str, tuple[str, str, float | None]] = {"study_probe_auroc": ("study_probe", "auroc", None)}
+    for group in ("focal", "diffuse") if focal else ():
+        metrics[f"study_probe_auroc_{group}"] = (f"study_probe_{group}", "auroc", None)
     for name in stratum_names(thresholds):
         metrics[f"lesion_probe_auroc_{name}"] = (f"lesion_probe_{name}", "auroc", None)
     full = max(fractions)
@@ -157,12 +178,14 @@ def paired(results: Results, kind: str, metric: str, fraction, a: str, b: str, n
     return {"value": d["mean"], "low": d["low"], "high": d["high"], "seeds": seeds}
 
 
-def sensitivity_gate(results: list[dict], thresholds: list[float], fractions: list[float], n_boot: int) -> dict:
+def sensitivity_gate(
+    results: list[dict], thresholds: list[float], fractions: list[float], n_boot: int, focal=()
+) -> dict:
     """The gate of every downstream metric: supervised - random, supervised-seg - random and vssl - random with 95 %
-    intervals."""
-    table = Results([*results, *expand_probe_results(results, thresholds)])
+    intervals (the study probe also on its ``focal`` findings and on the rest, where ``focal`` names any)."""
+    table = Results([*results, *expand_probe_results(results, thresholds, focal)])
     gate = {}
-    for name, (kind, metric, fraction) in gate_metrics(thresholds, fractions).items():
+    for name, (kind, metric, fraction) in gate_metrics(thresholds, fractions, focal).items():
         sup = paired(table, kind, metric, fraction, "supervised", "random", n_boot)
         ref = paired(table, kind, metric, fraction, "vssl", "random", n_boot)
         seg = paired(table, kind, metric, fraction, SEG_CONTROL, "random", n_boot)
@@ -172,8 +195,9 @@ def sensitivity_gate(results: list[dict], thresholds: list[float], fractions: li
     return gate
 
 
-def probe_cells(results: list[dict], methods: list[str], thresholds: list[float]) -> dict:
-    """Per method and seed: study-probe macro AUROC and lesion-probe AUROC per stratum, with their intervals."""
+def probe_cells(results: list[dict], methods: list[str], thresholds: list[float], focal=(), n_boot: int = 1000) -> dict:
+    """Per method and seed: study-probe macro AUROC (over every finding, and over the ``focal`` and the other
+    findings apart) and lesion-probe AUROC per stratum, with their intervals."""
     cells: dict = {}
     for r in results:
         if r.get("kind") != "probes" or r["method"] not in methods:
@@ -181,6 +205,10 @@ def probe_cells(results: list[dict], methods: list[str], thresholds: list[float]
         row = {}
         if "study" in r:
             row["study_probe_auroc"] = r["study"]["metrics"]["macro"]["auroc"]
+            y, p = (np.asarray(r["study_scores"][k], dtype=float) for k in ("y", "p"))
+            for group, cols in finding_groups(r, focal).items():
+                cell = auroc_cell(y[:, cols], p[None, :, cols], n_boot)
+                row[f"study_probe_auroc_{group}"] = {"value": cell.pop("mean"), **cell}  # as the metrics' intervals
         for name in stratum_names(thresholds):
             row[f"lesion_probe_auroc_{name}"] = r["lesion"]["strata"][name]
         cells.setdefault(r["method"], {})[str(r["seed"])] = row

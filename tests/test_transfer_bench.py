@@ -342,6 +342,8 @@ def test_a_probe_stage_reruns_when_its_probe_settings_change(tmp_path):
     stage.out.mkdir(parents=True)
     stage.result_path.write_text(json.dumps({**stage.meta, "lesion": {}}))
     assert stage.done()
+    cfg.probes.focal_findings = ["Liver lesion"]  # how the report groups findings: the stage stays done
+    assert next(s for s in Plan(cfg, tmp_path).stages() if s.name == stage.name).done()
     cfg.probes.lesion_pooling = "crop"
     again = next(s for s in Plan(cfg, tmp_path).stages() if s.name == stage.name)
     assert not again.done()
@@ -478,6 +480,38 @@ def test_sensitivity_gate_from_stage_results():
     assert summary_lines[0].startswith("## Sensitivity gate") and "not sensitive at this budget" in "\n".join(
         summary_lines
     )
+
+
+def test_the_study_probe_is_gated_on_focal_and_diffuse_findings_apart():
+    """A control that separates only the diffuse findings passes the diffuse stratum and fails the focal one; the
+    column names come from ``study_scores`` or, in results stored without them, the per-finding metrics."""
+    names = ["Liver lesion", "Splenomegaly", "Lung nodule", "Pleural effusion"]
+    y = (np.random.default_rng(99).random((150, 4)) < 0.4).astype(float)
+    results = []
+    for method, signal in (("random", 0.0), ("supervised", 3.0)):
+        for seed in (0, 1):
+            p = np.random.default_rng(seed).random((150, 4)) + signal * y * np.array([0, 1, 0, 1])  # diffuse only
+            scores = {"ids": [f"s{i}" for i in range(150)], "y": y.tolist(), "p": p.tolist()}
+            if seed == 0:
+                scores["names"] = names
+            study = {"metrics": {"macro": {"auroc": {"value": 0.5}}, "per_class": {n: {} for n in names}}}
+            lesion = {
+                "test": {"label": [], "score": [], "stratum": [], "ids": []},
+                "strata": {"small": {}, "large": {}},
+            }
+            results.append({"kind": "probes", "method": method, "seed": seed, "study_scores": scores, "study": study,
+                            "lesion": lesion})  # fmt: skip
+    focal = ["Liver lesion", "Lung nodule", "Kidney stone"]  # a name the data lack is ignored
+    gate = transfer_probes.sensitivity_gate(results, [10.0], [1.0], n_boot=300, focal=focal)
+    diffuse, focal_entry = gate["study_probe_auroc_diffuse"], gate["study_probe_auroc_focal"]
+    assert diffuse["sensitive"] and diffuse["supervised_minus_random"] > 0.3
+    assert not focal_entry["sensitive"] and abs(focal_entry["supervised_minus_random"]) < 0.1
+    assert "study_probe_auroc_focal" not in transfer_probes.sensitivity_gate(results, [10.0], [1.0], n_boot=50)
+    cells = transfer_probes.probe_cells(results, ["random", "supervised"], [10.0], focal, n_boot=200)
+    assert cells["supervised"]["0"]["study_probe_auroc_diffuse"]["value"] > 0.85
+    assert abs(cells["supervised"]["1"]["study_probe_auroc_focal"]["value"] - 0.5) < 0.15
+    only_focal = ["Liver lesion", "Splenomegaly", "Lung nodule", "Pleural effusion"]  # no diffuse column: no groups
+    assert transfer_probes.finding_groups(results[0], only_focal) == {}
 
 
 def test_results_table_lists_controls_apart():
