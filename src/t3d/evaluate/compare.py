@@ -74,10 +74,12 @@ def compare_probes(run: str | Path, cfg: PretrainConfig, cache: str | Path, data
 
 
 def _lesion_probe(enc: FrozenEncoder, cache, sites: list[CropSite], split: dict[str, str], seed: int) -> dict | None:
-    """The lesion probe, or None where the training studies lack lesion or lesion-free crops (tiny datasets)."""
+    """The lesion probe at lesion scale (the encoder's cells over the crop's central box, as the benchmark reads it),
+    or None where the training studies lack lesion or lesion-free crops (tiny datasets)."""
     if {s.label for s in sites if split.get(s.study) == "train"} != {0, 1}:
         return None
-    return lesion_probe(crop_features(enc, cache, sites).numpy(), sites, split, (SMALL_MM,), seed=seed)
+    x = crop_features(enc, cache, sites, pooling="centre").numpy()
+    return lesion_probe(x, sites, split, (SMALL_MM,), seed=seed)
 
 
 def _lesion_cells(scores: dict[str, dict | None], seed: int) -> dict:
