@@ -113,11 +113,12 @@ def claims(
     vssl_methods: Sequence[str],
     gate: dict,
     n_boot: int,
+    lesion_labels=None,
     a: str = "t3d",
 ) -> list[dict]:
     """``[{"a", "b", "metric", "diff", "ci_low", "ci_high", "seeds", "sensitive"}]`` for every comparison of
     ``CLAIM_METRICS`` that both methods have results for (metric names as in the gate; ``b``: a method's name)."""
-    table = Results([*results, *expand_probe_results(list(results), list(thresholds))])
+    table = Results([*results, *expand_probe_results(list(results), list(thresholds))], lesion_labels)
     metrics = gate_metrics(list(thresholds), list(fractions))
     out = []
     for role, names in CLAIM_METRICS.items():

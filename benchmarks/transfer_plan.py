@@ -320,12 +320,12 @@ class Plan:
         table = Results(results, cfg.data.lesion_labels)
         summary = summarise(table, methods, cfg.fractions, cfg.vssl_methods, metrics, cfg.n_boot)
         summary.update(self.context(results), metrics=metrics, methods=methods, controls=list(cfg.controls))
-        thresholds, focal = list(cfg.probes.size_thresholds_mm), list(cfg.probes.focal_findings)
-        summary["gate"] = sensitivity_gate(results, thresholds, list(cfg.fractions), cfg.n_boot, focal)
+        thresholds, focal, lesions = cfg.probes.size_thresholds_mm, cfg.probes.focal_findings, table.lesion_labels
+        gate = summary["gate"] = sensitivity_gate(results, thresholds, cfg.fractions, cfg.n_boot, focal, lesions)
         summary["probes"] = probe_cells(results, methods, thresholds, focal, cfg.probes.n_boot)
         summary["frozen_seg"] = frozen_seg_cells(table, methods, max(cfg.fractions), cfg.n_boot)
         summary["alignment_gates"] = alignment_gates(results)
-        summary["claims"] = claims(results, thresholds, cfg.fractions, cfg.vssl_methods, summary["gate"], cfg.n_boot)
+        summary["claims"] = claims(results, thresholds, cfg.fractions, cfg.vssl_methods, gate, cfg.n_boot, lesions)
         summary["revision"], summary["command"] = summary["git_revision"], summary["command"]
         summary.update(name_png=self.output.name + ".png", name_align_png=self.output.name + "_align.png")
         self.output.parent.mkdir(parents=True, exist_ok=True)

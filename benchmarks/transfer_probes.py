@@ -179,11 +179,12 @@ def paired(results: Results, kind: str, metric: str, fraction, a: str, b: str, n
 
 
 def sensitivity_gate(
-    results: list[dict], thresholds: list[float], fractions: list[float], n_boot: int, focal=()
+    results: list[dict], thresholds: list[float], fractions, n_boot: int, focal=(), lesion_labels=None
 ) -> dict:
     """The gate of every downstream metric: supervised - random, supervised-seg - random and vssl - random with 95 %
-    intervals (the study probe also on its ``focal`` findings and on the rest, where ``focal`` names any)."""
-    table = Results([*results, *expand_probe_results(results, thresholds, focal)])
+    intervals (the study probe also on its ``focal`` findings and on the rest, where ``focal`` names any; lesion and
+    organ Dice split the classes by ``lesion_labels`` as the report's tables do, by name where None)."""
+    table = Results([*results, *expand_probe_results(results, thresholds, focal)], lesion_labels)
     gate = {}
     for name, (kind, metric, fraction) in gate_metrics(thresholds, fractions, focal).items():
         sup = paired(table, kind, metric, fraction, "supervised", "random", n_boot)

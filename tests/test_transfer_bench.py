@@ -482,6 +482,25 @@ def test_sensitivity_gate_from_stage_results():
     )
 
 
+def test_the_gate_splits_organ_and_lesion_classes_as_the_report_does():
+    """A lesion class whose name does not say so (pleural effusion) counts as a lesion where ``lesion_labels`` says
+    it is one, in the gate as in the report's tables, and not among the organs."""
+    results = []
+    for method, effusion in (("random", 0.1), ("supervised-seg", 0.7)):
+        for kind in ("seg", "frozen_seg"):
+            r = _seg_result(kind, method, 0, 0.5)
+            r["labels"] = {"0": "background", "1": "liver", "2": "pleural_effusion"}
+            for case in r["cases"]:
+                case["dice"][1] = effusion
+            results.append(r)
+    by_name = transfer_probes.sensitivity_gate(results, [10.0], [1.0], n_boot=200)
+    given = transfer_probes.sensitivity_gate(results, [10.0], [1.0], n_boot=200, lesion_labels=[2])
+    assert by_name["organ_dice"]["supervised_seg_minus_random"] == pytest.approx(0.3, abs=0.02)  # liver + effusion
+    assert given["organ_dice"]["supervised_seg_minus_random"] == pytest.approx(0.0, abs=0.02)
+    assert given["lesion_dice"]["supervised_seg_minus_random"] == pytest.approx(0.6, abs=1e-6)
+    assert given["lesion_dice"]["sensitive"] and not given["organ_dice"]["sensitive"]
+
+
 def test_the_study_probe_is_gated_on_focal_and_diffuse_findings_apart():
     """A control that separates only the diffuse findings passes the diffuse stratum and fails the focal one; the
     column names come from ``study_scores`` or, in results stored without them, the per-finding metrics."""
