@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from provenance import git_revision
 from t3d.config import ConfigError, load_config, to_dict
 from t3d.data.cache import write_json_atomic
 from t3d.data.synthetic.findings import CSV_COLUMNS, FOCAL
@@ -296,7 +297,7 @@ def _run_one(stage: Stage, label: str) -> str:
         return "failed"
     seconds = round(time.perf_counter() - t0, 1)
     if stage.cached:
-        write_json_atomic(stage.result_path, {**stage.meta, **result, "seconds": seconds})
+        write_json_atomic(stage.result_path, {**stage.meta, **result, "seconds": seconds, "revision": git_revision()})
         (stage.out / "error.txt").unlink(missing_ok=True)
     tqdm.write(f"{label}: finished in {seconds:.0f} s")
     return "done"

@@ -5,10 +5,9 @@
     plan.report()                 # <output>.md / .json / .png / _align.png from the finished stages
 
 Folder layout under ``work``: ``data/`` (synthetic dataset), ``prep/`` (derived files), ``caches/{pretrain,seg,cls,
-heldout}`` (preprocessed studies, shared by every method: all use the same preprocessing), and
-``<method>/seed<k>/{pretrain, probes, seg_f<fraction>, frozen_seg, probe_f<fraction>, finetune_f<fraction>,
-zeroshot, retrieval, textdiag}``; ``probe_data/`` (the labelled studies of the frozen-encoder probes) and
-``caches/probe``. The controls (``random``, ``supervised``) run first in every seed round.
+heldout}`` (preprocessed studies, the same for every method), and ``<method>/seed<k>/{pretrain, probes, seg_f<fraction>,
+frozen_seg, probe_f<fraction>, finetune_f<fraction>, zeroshot, retrieval, textdiag}``; ``probe_data/`` (the labelled
+studies of the frozen-encoder probes) and ``caches/probe``. The controls run first in every seed round.
 """
 
 from __future__ import annotations
@@ -355,6 +354,7 @@ class Plan:
             "command": run.get("command", self.command),
             "run_started": run.get("started", ""),
             "run_revision": run.get("git_revision", ""),
+            "stage_revisions": Results(results).revisions(),
             "rendered_by": self.command,
             "git_revision": self.revision,
             "invocation_seconds": round(time.perf_counter() - self.started, 1),

@@ -296,6 +296,11 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
             f" (the run started at `{s['run_revision']}`)"
             if s.get("run_revision") and s["run_revision"] != s["git_revision"]
             else ""
+        )
+        + (
+            "; stages computed at " + ", ".join(f"`{r}` ({n})" for r, n in s["stage_revisions"].items())
+            if s.get("stage_revisions")
+            else ""
         ),
         f"- wall time: this invocation {s['invocation_seconds'] / 60:.1f} min; stage compute recorded in the work "
         f"folder {sum(minutes.values()):.1f} min ("

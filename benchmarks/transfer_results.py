@@ -13,6 +13,7 @@ number of small lesions), as ``t3d finetune seg`` reports it.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,10 @@ class Results:
     def __init__(self, results: Sequence[dict], lesion_labels: Sequence[int] | None = None):
         self.by_key = {(r["kind"], r["method"], r["seed"], r.get("fraction")): r for r in results}
         self.lesion_labels = None if lesion_labels is None else [int(v) for v in lesion_labels]
+
+    def revisions(self) -> dict[str, int]:
+        """Git revision -> number of stage results computed at it (a report renders cached stages of earlier runs)."""
+        return dict(Counter(r.get("revision", "not recorded") for r in self.by_key.values()))
 
     def seeds(self, kind: str, method: str, fraction: float | None = None) -> list[int]:
         return sorted(s for (k, m, s, f) in self.by_key if k == kind and m == method and f == fraction)

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import provenance  # noqa: E402
 import transfer  # noqa: E402
 import transfer_claims  # noqa: E402
 import transfer_config  # noqa: E402
@@ -249,6 +250,9 @@ def test_run_stages_skips_done_stages_and_isolates_failures(tmp_path):
     assert calls == ["b", "c", "report"]
     stored = json.loads((tmp_path / "b" / transfer_config.RESULT).read_text())
     assert stored["value"] == "b" and stored["seed"] == 1 and "seconds" in stored
+    assert stored["revision"] == provenance.git_revision()  # the code a stage ran: a report mixes cached stages
+    table = transfer_results.Results([{**stored, "kind": "x", "method": "m"}, {"kind": "x", "method": "n", "seed": 0}])
+    assert table.revisions() == {stored["revision"]: 1, "not recorded": 1}
     assert "boom" in (tmp_path / "c" / "error.txt").read_text()
     assert not (tmp_path / "c" / transfer_config.RESULT).exists() and not (tmp_path / transfer_config.RESULT).exists()
     calls.clear()
