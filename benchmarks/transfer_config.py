@@ -130,6 +130,10 @@ class ProbeSettings:
     voxel_region: list[int] = field(default_factory=lambda: [4, 4, 2])
     """Central box (voxels) whose HU statistics are the lesion probe's non-learned control (``voxel_statistics``);
     with ``lesion_pooling: centre`` also the box whose encoder cells are read."""
+    lesion_probe_per_class: bool = True
+    """One lesion probe per lesion class (their scores pooled per stratum), or one over every class (false). A nodule
+    in the lung and a cyst in a kidney differ from their surroundings in opposite directions: one linear direction
+    for both sees neither well."""
     lesion_pooling: str = "centre"
     """How the lesion probe reads a crop (``t3d.evaluate.features.crop_features``): ``centre``, every encoder
     level's cells over the central box (lesion scale), or ``crop``, the encoder's pooled feature of the whole crop."""

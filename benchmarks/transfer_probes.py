@@ -92,13 +92,13 @@ def run_probe_stage(
         key,
         lambda: crop_features(enc, cache, sites, pooling=s.lesion_pooling, region=s.voxel_region),
     )
-    lesion = lesion_probe(xl.numpy(), sites, split, s.size_thresholds_mm, s.l2, s.steps, s.n_boot, seed)
-    test = [n for n, site in enumerate(sites) if split.get(site.study) == "test"]
-    lesion["test"]["ids"] = [f"{sites[n].study}@{','.join(map(str, sites[n].centre))}" for n in test]
+    strata, per_class = s.size_thresholds_mm, s.lesion_probe_per_class
+    lesion = lesion_probe(xl.numpy(), sites, split, strata, s.l2, s.steps, s.n_boot, seed, per_class)
+    lesion["test"]["ids"] = [f"{sites[n].study}@{','.join(map(str, sites[n].centre))}" for n in lesion["test"]["site"]]
     lesion["pooling"] = s.lesion_pooling
     result["lesion"] = lesion
     stats = voxel_statistics(cache, sites, s.voxel_region)  # the same sites, split and probe: a non-learned control
-    control = lesion_probe(stats.numpy(), sites, split, s.size_thresholds_mm, s.l2, s.steps, s.n_boot, seed)
+    control = lesion_probe(stats.numpy(), sites, split, strata, s.l2, s.steps, s.n_boot, seed, per_class)
     result["lesion_voxel_stats"] = {k: control[k] for k in ("strata", "all", "l2", "sweep")}
     result["lesion_voxel_stats"]["region"] = list(s.voxel_region)
     if findings.endswith(".jsonl"):  # synthetic: the label-map lesions against the generator's ground truth

@@ -98,6 +98,33 @@ def test_lesion_probe_oracle_and_constant_per_size_stratum():
         assert entry["value"] == pytest.approx(0.5)
 
 
+def test_lesion_probe_per_class_sees_lesions_that_differ_from_their_surroundings_in_opposite_directions():
+    """Class 9 lesions are brighter than their matched negatives, class 10 darker: one probe over both cannot rank
+    them, one probe per class can. A class without training crops is left out, not scored by another class's probe."""
+    rng = np.random.default_rng(0)
+    sites, feats = [], []
+    for g in range(240):
+        cls, diameter = (9, 10)[g % 2], float(rng.uniform(3, 25))
+        sign = 1.0 if cls == 9 else -1.0
+        sites.append(CropSite(f"p{g}", f"p{g}", (0, 0, 0), 1, diameter, g, cls))
+        sites.append(CropSite(f"n{g}", f"n{g}", (0, 0, 0), 0, diameter, g, cls))
+        feats += [
+            [sign * 2.0 + rng.normal(scale=0.3), *rng.normal(size=3)],
+            [rng.normal(scale=0.3), *rng.normal(size=3)],
+        ]
+    x = np.asarray(feats, np.float32)
+    split = {s.study: ("train", "train", "val", "test", "test")[(int(s.study[1:]) // 2) % 5] for s in sites}
+    pooled = lesion_probe(x, sites, split, n_boot=100, per_class=False)
+    per_class = lesion_probe(x, sites, split, n_boot=100)
+    assert pooled["all"]["value"] < 0.75 and set(pooled["l2"]) == {"all"}
+    assert per_class["all"]["value"] > 0.97 and set(per_class["l2"]) == {"9", "10"}
+    assert [sites[i].label for i in per_class["test"]["site"]] == per_class["test"]["label"]
+    extra = CropSite("q0", "q0", (0, 0, 0), 1, 5.0, 999, 11)  # only in a test study
+    split["q0"] = "test"
+    out = lesion_probe(np.vstack([x, x[:1]]), [*sites, extra], split, n_boot=50)
+    assert len(sites) not in out["test"]["site"] and len(out["test"]["label"]) == len(per_class["test"]["label"])
+
+
 def test_size_strata_follow_configurable_thresholds():
     assert [size_stratum(d, (10.0,)) for d in (4.0, 9.99, 10.0, 30.0)] == [0, 0, 1, 1]
     assert [size_stratum(d, (5.0, 15.0)) for d in (4.0, 10.0, 20.0)] == [0, 1, 2]
@@ -172,6 +199,7 @@ def test_lesion_sites_are_centred_and_pairs_stay_in_one_split(tiny_cache):
     for s in sites:
         if s.label == 0:
             assert split[s.study] == split[positives[s.group].study]
+        assert s.lesion_class == int(cache.label(positives[s.group].key)[positives[s.group].centre])  # pair's class
 
 
 def test_voxel_statistics_control_sees_the_lesion(tiny_cache):

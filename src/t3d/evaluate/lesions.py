@@ -57,6 +57,8 @@ class CropSite:
     """The lesion's diameter for a positive; for a negative, that of the positive it is matched to."""
     group: int
     """Index of the positive this site belongs to (a positive and its matched negatives share it)."""
+    lesion_class: int = 0
+    """Label-map class of the lesion (a negative carries that of its positive); 0 where unknown."""
 
 
 def find_lesions(label: np.ndarray, lesion_labels: Sequence[int], spacing: Sequence[float]) -> list[Lesion]:
@@ -157,7 +159,7 @@ def lesion_sites(
         for lesion in study.lesions:
             group += 1
             centre = tuple(int(c) for c in lesion.centre)
-            sites.append(CropSite(study.id, study.key, centre, 1, lesion.diameter_mm, group))
+            sites.append(CropSite(study.id, study.key, centre, 1, lesion.diameter_mm, group, lesion.label))
             rel = relative_position(lesion.centre, study.box)
             pool = clean.get(split_of.get(study.id, ""), [])
             for _ in range(negatives_per_lesion if pool else 0):
@@ -172,7 +174,7 @@ def _negative(cache, study: _Study, rel, size, lesion: Lesion, group: int, lesio
     centre = tuple(int(c) for c in np.clip(target, 0, np.asarray(study.shape) - 1))
     if window_has_lesion(cache.label(study.key), centre, size, lesion_labels):
         raise RuntimeError(f"negative crop at {centre} of lesion-free study '{study.id}' holds a lesion voxel")
-    return CropSite(study.id, study.key, centre, 0, lesion.diameter_mm, group)
+    return CropSite(study.id, study.key, centre, 0, lesion.diameter_mm, group, lesion.label)
 
 
 def cross_check(cache: StudyCache | str, ground_truth: str | Path, lesion_labels: Sequence[int]) -> dict:

@@ -86,30 +86,45 @@ def lesion_probe(
     steps: int = 100,
     n_boot: int = 1000,
     seed: int = 0,
+    per_class: bool = True,
 ) -> dict:
-    """Lesion vs location-matched lesion-free crop: one probe over all sizes, AUROC per size stratum on test.
+    """Lesion vs location-matched lesion-free crop: AUROC per size stratum on test.
 
-    ``x`` (M, F): features of ``sites``; ``split_of``: study id -> ``train``/``val``/``test``. A stratum's AUROC
-    uses its test positives and the negatives matched to them (same ``group``). Returns ``{"strata": {name:
-    Interval dict + positives/negatives}, "all": ..., "test": {"label", "score", "stratum", "study"}, "l2", ...}``.
+    ``x`` (M, F): features of ``sites``; ``split_of``: study id -> ``train``/``val``/``test``. With ``per_class``
+    one probe per lesion class (``CropSite.lesion_class``): a nodule in the lung and a cyst in a kidney differ from
+    their surroundings in opposite directions, which one linear direction cannot serve; each probe scores its own
+    class's test crops, and the strata pool those scores. Otherwise one probe over every class. A stratum's AUROC
+    uses its test positives and the negatives matched to them (same ``group``). Returns ``{"strata": {name: Interval
+    dict + positives/negatives}, "all": ..., "test": {"label", "score", "stratum", "study", "site"}, "l2": {class: L2},
+    "sweep": {class: sweep}, ...}`` (class ``all`` without ``per_class``).
     """
     x = np.asarray(x, np.float32)
     label = np.array([s.label for s in sites], np.float32)
     split = np.array([split_of.get(s.study, "") for s in sites])
-    train, val, test = (_rows(split, s) for s in ("train", "val", "test"))
-    if len(np.unique(label[train])) < 2:
+    kind = np.array([str(s.lesion_class) if per_class else "all" for s in sites])
+    score = np.full(len(sites), np.nan)
+    out: dict = {"strata": {}, "l2": {}, "sweep": {}, "thresholds_mm": list(thresholds), "per_class": per_class}
+    for c in sorted(set(kind)):
+        train, val, test = (np.flatnonzero((split == s) & (kind == c)) for s in ("train", "val", "test"))
+        if len(np.unique(label[train])) < 2:
+            if not per_class:
+                raise ValueError("lesion probe: the training studies need both lesion and lesion-free crops")
+            continue  # a class without training crops of both kinds: its test crops stay unscored (left out)
+        probe = fit_probe(x[train], label[train, None], x[val], label[val, None], l2_grid, steps)
+        score[test] = probe.scores(x[test])[:, 0]
+        out["l2"][c], out["sweep"][c] = probe.l2, probe.sweep
+    if not out["l2"]:
         raise ValueError("lesion probe: the training studies need both lesion and lesion-free crops")
-    probe = fit_probe(x[train], label[train, None], x[val], label[val, None], l2_grid, steps)
-    score = probe.scores(x[test])[:, 0]
+    test = np.flatnonzero((split == "test") & np.isfinite(score))
     stratum = np.array([size_stratum(sites[i].diameter_mm, thresholds) for i in test])
     study = np.array([sites[i].study for i in test])
-    y = label[test]
-    out = {"strata": {}, "l2": probe.l2, "sweep": probe.sweep, "thresholds_mm": list(thresholds)}
+    y, score = label[test], score[test]
     for k, name in enumerate(stratum_names(thresholds)):
         keep = stratum == k
         out["strata"][name] = _stratum_entry(y[keep], score[keep], study[keep], n_boot, seed)
     out["all"] = _stratum_entry(y, score, study, n_boot, seed)
     out["test"] = {"label": y.tolist(), "score": score.tolist(), "stratum": stratum.tolist(), "study": study.tolist()}
+    out["test"]["site"] = test.tolist()  # index into ``sites`` of each scored test crop
     return out
 
 
