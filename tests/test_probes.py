@@ -19,7 +19,15 @@ from t3d.evaluate.features import (
     study_features,
     voxel_statistics,
 )
-from t3d.evaluate.gate import NOT_SENSITIVE, gate_entry, gate_table, is_sensitive, metric_kind, sensitive_metrics
+from t3d.evaluate.gate import (
+    NOT_MEASURED,
+    NOT_SENSITIVE,
+    gate_entry,
+    gate_table,
+    is_sensitive,
+    metric_kind,
+    sensitive_metrics,
+)
 from t3d.evaluate.lesions import (
     CropSite,
     cross_check,
@@ -325,6 +333,9 @@ def test_gate_logic():
     assert len(rows) == 6 and all(r.count("|") == 7 for r in rows)
     assert NOT_SENSITIVE in rows[3] and "color:grey" in rows[3] and NOT_SENSITIVE not in rows[2]
     assert "sensitive (supervised-seg)" in rows[5] and "+0.200 [+0.100, +0.300]" in rows[5]
+    gate["frozen_seg_organ_dice"] = gate_entry("frozen_seg_organ_dice", None)  # its stage not in the configuration
+    row = gate_table(gate)[-1]
+    assert NOT_MEASURED in row and NOT_SENSITIVE not in row and "color:grey" in row
 
 
 def test_strong_penalty_still_moves_from_zero_weights():

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 THRESHOLDS = {"auroc": 0.15, "dice": 0.10}
 """Smallest control-minus-random difference that makes a metric sensitive, by metric kind."""
 NOT_SENSITIVE = "not sensitive at this budget"
+NOT_MEASURED = "not measured"
+"""A metric no control was scored on (its stage is not in the configuration, or no test case holds its class)."""
 
 
 def metric_kind(name: str) -> str:
@@ -101,8 +103,9 @@ def gate_table(gate: Mapping[str, Mapping]) -> list[str]:
             by = ", ".join(e.get("sensitive_by") or ["supervised"])
             lines.append("| " + " | ".join([*cells, f"sensitive ({by})"]) + " |")
         else:
-            grey = [f'<span style="color:grey">{c}</span>' for c in cells]
-            lines.append("| " + " | ".join([*grey, f'<span style="color:grey">{NOT_SENSITIVE}</span>']) + " |")
+            status = NOT_SENSITIVE if any(c != "—" for c in (sup, seg, ref)) else NOT_MEASURED
+            grey = [f'<span style="color:grey">{c}</span>' for c in [*cells, status]]
+            lines.append("| " + " | ".join(grey) + " |")
     return lines
 
 
