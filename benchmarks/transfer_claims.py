@@ -12,8 +12,10 @@ hidden lesion voxels worse with a shuffled report than with the true one, interv
 
 The claims are the paired comparisons the method stands on: ``t3d`` against the best visual self-supervised
 baseline on the study-level finding probe, the small-lesion stratum of the lesion probe, lesion Dice and
-small-lesion Dice, and ``t3d`` against ``clip`` on the small-lesion metrics. A claim on a metric that failed the
-sensitivity gate is kept in the list (``sensitive: false``) but is not evidence either way.
+small-lesion Dice, and ``t3d`` against ``clip`` on the small-lesion metrics. Both baselines are also compared on the
+``SUPPORTING_METRICS`` (``"claim": false``): the metrics a small budget's gate can pass when the claim's own cannot.
+A comparison on a metric that failed the sensitivity gate is kept in the list (``sensitive: false``) but is not
+evidence either way.
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ CLAIM_METRICS = {
     "clip": ("lesion_probe_auroc_small", "small_lesion_dice"),
 }
 """The comparisons of docs/method.md §7: t3d vs the best vSSL method, and t3d vs clip on small lesions."""
+SUPPORTING_METRICS = ("study_probe_auroc_focal", "study_probe_auroc_diffuse", "lesion_probe_auroc_large", "organ_dice")
+"""Compared against both baselines too (not claims): large lesions, organs and findings split by kind."""
 
 
 def _measured(d: dict | None) -> bool:
@@ -114,15 +118,17 @@ def claims(
     gate: dict,
     n_boot: int,
     lesion_labels=None,
+    focal: Sequence[str] = (),
     a: str = "t3d",
 ) -> list[dict]:
-    """``[{"a", "b", "metric", "diff", "ci_low", "ci_high", "seeds", "sensitive"}]`` for every comparison of
-    ``CLAIM_METRICS`` that both methods have results for (metric names as in the gate; ``b``: a method's name)."""
-    table = Results([*results, *expand_probe_results(list(results), list(thresholds))], lesion_labels)
-    metrics = gate_metrics(list(thresholds), list(fractions))
+    """``[{"a", "b", "role", "metric", "diff", "ci_low", "ci_high", "seeds", "sensitive", "claim"}]`` for every
+    comparison of ``CLAIM_METRICS`` (``claim``: true) and ``SUPPORTING_METRICS`` that both methods have results for
+    (metric names as in the gate; ``b``: a method's name; the focal / diffuse study probe where ``focal`` names any)."""
+    table = Results([*results, *expand_probe_results(list(results), list(thresholds), focal)], lesion_labels)
+    metrics = gate_metrics(list(thresholds), list(fractions), focal)
     out = []
     for role, names in CLAIM_METRICS.items():
-        for name in names:
+        for name in (*names, *SUPPORTING_METRICS):
             if name not in metrics:
                 continue  # a size stratum this configuration does not have
             kind, metric, fraction = metrics[name]
@@ -141,6 +147,7 @@ def claims(
                     "ci_high": d["high"],
                     "seeds": d["seeds"],
                     "sensitive": bool(gate.get(name, {}).get("sensitive", False)),
+                    "claim": name in names,
                 }
             )
     return out
@@ -151,7 +158,7 @@ def claims_table(found: Sequence[dict]) -> list[str]:
     if not found:
         return ["- no comparison possible yet (t3d and a baseline need finished runs on the same seeds)"]
     lines = ["| a | b | metric | a − b [95 % CI] | reading |", "|---|---|---|---|---|"]
-    for c in found:
+    for c in sorted(found, key=lambda c: not c.get("claim", True)):  # the claims first, then the supporting ones
         if not c["sensitive"]:
             reading = f"{NOT_SENSITIVE}: no claim"
         elif c["ci_low"] > 0:
@@ -160,8 +167,9 @@ def claims_table(found: Sequence[dict]) -> list[str]:
             reading = f"{c['b']} better"
         else:
             reading = "no difference resolved"
+        metric = f"`{c['metric']}`" + ("" if c.get("claim", True) else " (supporting)")
         lines.append(
-            f"| {c['a']} | {c['b']} ({c['role']}) | `{c['metric']}` | {c['diff']:+.3f} "
+            f"| {c['a']} | {c['b']} ({c['role']}) | {metric} | {c['diff']:+.3f} "
             f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {reading} |"
         )
     return lines

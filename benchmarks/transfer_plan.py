@@ -324,7 +324,9 @@ class Plan:
         summary["probes"] = probe_cells(results, methods, thresholds, focal, cfg.probes.n_boot)
         summary["frozen_seg"] = frozen_seg_cells(table, methods, max(cfg.fractions), cfg.n_boot)
         summary["alignment_gates"] = alignment_gates(results)
-        summary["claims"] = claims(results, thresholds, cfg.fractions, cfg.vssl_methods, gate, cfg.n_boot, lesions)
+        summary["claims"] = claims(
+            results, thresholds, cfg.fractions, cfg.vssl_methods, gate, cfg.n_boot, lesions, focal
+        )
         summary["revision"], summary["command"] = summary["git_revision"], summary["command"]
         summary.update(name_png=self.output.name + ".png", name_align_png=self.output.name + "_align.png")
         self.output.parent.mkdir(parents=True, exist_ok=True)

@@ -538,6 +538,9 @@ def test_the_study_probe_is_gated_on_focal_and_diffuse_findings_apart():
     cells = transfer_probes.probe_cells(results, ["random", "supervised"], [10.0], focal, n_boot=200)
     assert cells["supervised"]["0"]["study_probe_auroc_diffuse"]["value"] > 0.85
     assert abs(cells["supervised"]["1"]["study_probe_auroc_focal"]["value"] - 0.5) < 0.15
+    found = transfer_claims.claims(results, [10.0], [1.0], ["random"], gate, 300, focal=focal, a="supervised")
+    diffuse_claim = next(c for c in found if c["metric"] == "study_probe_auroc_diffuse")
+    assert diffuse_claim["sensitive"] and not diffuse_claim["claim"] and diffuse_claim["diff"] > 0.3
     only_focal = ["Liver lesion", "Splenomegaly", "Lung nodule", "Pleural effusion"]  # no diffuse column: no groups
     assert transfer_probes.finding_groups(results[0], only_focal) == {}
 
@@ -563,16 +566,21 @@ def test_claims_compare_t3d_with_the_best_vssl_and_clip_and_carry_the_gate():
     pairs = {(c["b"], c["metric"]): c for c in found}
     # The best vSSL candidate is the one with the larger gain over random (vssl-restore here); clip on small lesions.
     # Small-lesion Dice is not measured (these cases hold no small lesion): no comparison rather than a NaN one.
-    assert set(pairs) == {
+    # Both baselines are also compared on the supporting metrics (large lesions, organs), marked as not claims.
+    assert {k for k, c in pairs.items() if c["claim"]} == {
         ("vssl-restore", "study_probe_auroc"), ("vssl-restore", "lesion_probe_auroc_small"),
         ("vssl-restore", "lesion_dice"), ("clip", "lesion_probe_auroc_small"),
     }  # fmt: skip
+    assert {k for k, c in pairs.items() if not c["claim"]} == {
+        (b, m) for b in ("vssl-restore", "clip") for m in ("lesion_probe_auroc_large", "organ_dice")
+    }
     probe = pairs[("vssl-restore", "study_probe_auroc")]
     assert probe["a"] == "t3d" and probe["diff"] > 0.1 and probe["ci_low"] > 0 and probe["sensitive"]
     assert pairs[("vssl-restore", "lesion_dice")]["sensitive"] is False  # the gate failed on lesion Dice
     lines = transfer_claims.claims_table(found)
     text = "\n".join(lines)
     assert "t3d better" in text and "not sensitive at this budget: no claim" in text
+    assert "(supporting)" not in "\n".join(lines[2:6]) and "(supporting)" in lines[-1]  # the claims come first
 
 
 def test_alignment_gates_table_from_alignment_stages():
