@@ -24,6 +24,9 @@ the centroid over the centroid's norm) of the study embeddings, of the projected
 features *before* the alignment head (does the encoder separate studies that the joint space maps to one point?),
 and how concentrated the top-1 retrieved reports are (``top1_report_share``: the largest fraction of held-out images
 whose best report is one and the same report). ``benchmarks/collapse.py`` gives retrieval on the training split.
+With ``--probe-train CACHE SPLIT``, each run's frozen encoder is also read through linear retrieval heads trained on
+those pairs (``encoder_retrieval``, as the retrieval gate's controls are read in ``benchmarks/transfer_retrieval.py``):
+does the encoder hold what its joint space missed?
 With ``--ground-truth`` (synthetic data): ``finding_oracle.r5``, the R@5 of a model that knows each held-out study's
 findings (type, organ, side) exactly and nothing else, i.e. what the reports' findings allow at all once wording is
 set aside; and per run ``same_findings_r5``: the share of images whose 5 best reports include one with the image's
@@ -50,6 +53,7 @@ from t3d.data.synthetic.findings import LESION_LABELS
 from t3d.evaluate.features import frozen_encoder, study_features
 from t3d.evaluate.joint import image_embeddings, load_joint, study_dataset, text_embeddings
 from t3d.evaluate.retrieval import retrieval_metrics
+from t3d.evaluate.retrieval_probe import RetrievalProbeConfig
 from t3d.evaluate.studies import read_split, report_texts
 from t3d.losses.objective import mean_pairwise_cosine
 from t3d.metrics import bootstrap_indices, percentile_interval
@@ -168,11 +172,12 @@ def finding_oracle_r5(sets: list[frozenset], seed: int, draws: int = 20) -> floa
 def same_findings_r5(u: torch.Tensor, t: torch.Tensor, sets: list[frozenset]) -> dict:
     """Share of held-out images whose 5 best reports include one with the image's own finding set (phrasing aside),
     and its chance under a random ranking: did the joint space learn findings, even where it cannot match wording?"""
-    top = (u @ t.T).topk(min(5, len(sets)), dim=1).indices.tolist()
     n = len(sets)
+    k = min(5, n)  # fewer than 5 reports: every one is in the top k
+    top = (u @ t.T).topk(k, dim=1).indices.tolist()
     hit = [any(sets[j] == sets[i] for j in row) for i, row in enumerate(top)]
     same = [sum(s == sets[i] for s in sets) for i in range(n)]  # the own report included
-    chance = [1.0 - math.comb(n - m, 5) / math.comb(n, 5) for m in same]
+    chance = [1.0 - math.comb(n - m, k) / math.comb(n, k) for m in same]
     return {"same_findings_r5": float(np.mean(hit)), "same_findings_r5_chance": float(np.mean(chance))}
 
 
@@ -226,6 +231,19 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
     return out
 
 
+def encoder_retrieval(run_dir: Path, ids: list[str], args) -> dict:
+    """Held-out R@5 of linear heads on the run's frozen encoder, trained on the ``--probe-train`` pairs."""
+    from transfer_retrieval import run_retrieval_probe_stage  # it imports this module
+
+    cache, split = args.probe_train
+    truth = Path(args.ground_truth) if args.ground_truth else None
+    pcfg = load_joint(run_dir).cfg
+    train, test = (Path(cache), read_split(args.splits, split)), (Path(args.cache), ids)
+    return run_retrieval_probe_stage(
+        run_dir, pcfg, RetrievalProbeConfig(), train, test, truth, args.seed, args.max_crops
+    )
+
+
 def gate_passes(m: dict) -> dict:
     """Each gate's verdict (None: not applicable to the method)."""
     diag = m.get("text_diag_ci_low")
@@ -251,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--setup", default="", help="free text stored with the result (data, steps, model)")
     p.add_argument("--ground-truth", help="`t3d synth`'s ground_truth.jsonl: adds the finding-level diagnostics")
+    p.add_argument(
+        "--probe-train",
+        nargs=2,
+        metavar=("CACHE", "SPLIT"),
+        help="also read each run's frozen encoder through linear retrieval heads (benchmarks/transfer_retrieval.py) "
+        "trained on SPLIT's studies in CACHE (the pre-training pairs): `encoder_retrieval` per run",
+    )
     p.add_argument("--out", default="benchmarks/results/alignment_gates_cpu.json")
     args = p.parse_args(argv)
     ids = [i for split in args.heldout for i in read_split(args.splits, split)]
@@ -275,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         if not folder:
             raise SystemExit(f"--run {spec!r}: expected NAME=RUN_DIR, e.g. --run t3d=runs/t3d")
         result["runs"][name] = measure(Path(folder), Path(args.cache), ids, args)
+        if args.probe_train:
+            result["runs"][name]["encoder_retrieval"] = encoder_retrieval(Path(folder), ids, args)
         print(name, json.dumps({k: v for k, v in result["runs"][name].items() if k != "final_log"}))
     write_json_atomic(Path(args.out), result)
     return 0

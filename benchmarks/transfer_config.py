@@ -18,6 +18,7 @@ from t3d.config import ConfigError, load_config, to_dict
 from t3d.data.cache import write_json_atomic
 from t3d.data.synthetic.findings import CSV_COLUMNS, FOCAL
 from t3d.evaluate.features import POOLINGS
+from t3d.evaluate.retrieval_probe import RetrievalProbeConfig
 from t3d.losses import method_spec
 from transfer_controls import SEG_CONTROL
 
@@ -200,6 +201,9 @@ class TransferConfig:
     pair is recorded in every result as ``seed`` / ``finetune_seed``)."""
     probes: ProbeSettings = field(default_factory=ProbeSettings)
     evaluate: EvalSettings = field(default_factory=EvalSettings)
+    retrieval_probe: RetrievalProbeConfig | None = field(default_factory=RetrievalProbeConfig)
+    """Linear heads on every encoder's frozen study features, trained on the pre-training pairs and scored by
+    held-out image -> report R@5 (``transfer_retrieval``): the retrieval gate's controls; null = not run."""
     n_boot: int = 2000
     """Replicates of the report's two-level bootstrap (seeds x test cases)."""
     threads: int = 0

@@ -40,6 +40,7 @@ from transfer_figures import plot_align, plot_cells
 from transfer_probes import frozen_seg_cells, prepare_probe_data, probe_cells, run_probe_stage, sensitivity_gate
 from transfer_report import render
 from transfer_results import SEG_METRICS, Results, summarise
+from transfer_retrieval import retrieval_controls, run_retrieval_probe_stage
 from transfer_stages import (
     run_cls_stage,
     run_pretrain_stage,
@@ -176,6 +177,8 @@ class Plan:
             meta = {**base, "fraction": max(cfg.fractions)}
             fields = {**cfg.seg, **cfg.frozen_seg, "freeze_encoder": True}
             out.append(self._seg_stage(method, seed, max(cfg.fractions), meta, needs, "frozen_seg", fields))
+        if cfg.retrieval_probe is not None:
+            out.append(self._retrieval_probe_stage(method, seed, base, needs))
         if has_joint_space(method):
             out += self._joint_stages(method, seed, base, needs)
         if method in cfg.diagnostic_methods and method != "random":
@@ -204,6 +207,27 @@ class Plan:
         settings = probe_stage_settings(self.cfg.probes)
         meta = {"kind": "probes", **base, "settings": settings}
         return Stage(f"seed{seed}/{method}/probes", out, run, meta, (*needs, "probe_data"))
+
+    def _retrieval_probe_stage(self, method, seed, base, needs) -> Stage:
+        out, e = self.run_dir(method, seed) / "retrieval_probe", self.cfg.evaluate
+        ckpt = None if method == "random" else self.run_dir(method, seed) / "pretrain"
+        pcfg = self.pretrain_config("t3d", seed)  # the random control's encoder; every method's text encoder
+
+        def run() -> dict:
+            cache = self.caches["heldout"]
+            prepare_study_cache(self.heldout_manifest, cache, pcfg.preprocess, root=self.heldout_root,
+                                workers=self.cfg.preprocess_workers)  # fmt: skip
+            train_ids = test_ids = None
+            if self.splits:
+                train_ids = read_split(self.splits, self.cfg.data.pretrain_split)
+                test_ids = [i for s in self.cfg.alignment_splits for i in read_split(self.splits, s)]
+            truth = self.data / "ground_truth.jsonl" if self.data is not None else None
+            train, test = (self.caches["pretrain"], train_ids), (cache, test_ids)
+            return run_retrieval_probe_stage(ckpt, pcfg, self.cfg.retrieval_probe, train, test, truth, seed,
+                                             max_crops=e.max_crops, overlap=e.overlap)  # fmt: skip
+
+        meta = {"kind": "retrieval_probe", **base, "settings": to_dict(self.cfg.retrieval_probe)}
+        return Stage(f"seed{seed}/{method}/retrieval_probe", out, run, meta, needs)
 
     def _probe_data(self) -> dict:
         pre, workers = self.pretrain_config("t3d", 0).preprocess, self.cfg.preprocess_workers
@@ -324,6 +348,7 @@ class Plan:
         summary["probes"] = probe_cells(results, methods, thresholds, focal, cfg.probes.n_boot)
         summary["frozen_seg"] = frozen_seg_cells(table, methods, max(cfg.fractions), cfg.n_boot)
         summary["alignment_gates"] = alignment_gates(results)
+        summary["retrieval_controls"] = retrieval_controls(results)
         summary["claims"] = claims(
             results, thresholds, cfg.fractions, cfg.vssl_methods, gate, cfg.n_boot, lesions, focal
         )

@@ -15,6 +15,7 @@ import numpy as np
 from t3d.evaluate.gate import NOT_SENSITIVE, gate_table
 from transfer_claims import alignment_table, claims_table
 from transfer_results import AUROC_METRICS, SEG_METRICS, ZS_METRIC
+from transfer_retrieval import retrieval_control_lines
 from transfer_stats import dice_cell, seed_t_interval, wilcoxon_cases
 
 # ----------------------------------------------------------------------------------------------- markdown
@@ -379,9 +380,10 @@ def gate_lines(s: dict) -> list[str]:
 
 
 def alignment_lines(s: dict) -> list[str]:
-    """The alignment gates of every joint-space run (``alignment_gates`` in the JSON)."""
+    """The alignment gates of every joint-space run (``alignment_gates`` in the JSON) and the retrieval gate's controls
+    (``retrieval_controls``)."""
     if not s.get("alignment_gates"):
-        return []
+        return retrieval_control_lines(s.get("retrieval_controls") or {})
     return [
         "## Alignment gates: does the text-informed term learn? (held-out studies, per run)",
         "",
@@ -392,4 +394,5 @@ def alignment_lines(s: dict) -> list[str]:
         "voxels worse with a shuffled report than with the study's own (interval above 0; restoration methods only). "
         "Same-findings R@5: the share of images whose 5 best reports include one with the image's own finding set.",
         "",
+        *retrieval_control_lines(s.get("retrieval_controls") or {}),
     ]

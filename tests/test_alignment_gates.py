@@ -45,6 +45,8 @@ def test_same_findings_r5_and_its_chance():
     rng = np.random.default_rng(0)
     hits = [any(sets[j] == sets[0] for j in rng.permutation(30)[:5]) for _ in range(4000)]
     assert np.mean(hits) == pytest.approx(chance, abs=0.03)
+    # Fewer than 5 held-out studies: every report is in the top k, a hit and chance alike.
+    assert same_findings_r5(u[:3], t[:3], sets[:3]) == {"same_findings_r5": 1.0, "same_findings_r5_chance": 1.0}
 
 
 def test_finding_sets_read_the_ground_truth_and_name_missing_studies(tmp_path):

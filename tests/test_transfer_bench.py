@@ -23,6 +23,7 @@ import transfer_plan  # noqa: E402
 import transfer_probes  # noqa: E402
 import transfer_report  # noqa: E402
 import transfer_results  # noqa: E402
+import transfer_retrieval  # noqa: E402
 import transfer_stages  # noqa: E402
 import transfer_stats  # noqa: E402
 from t3d.config import ConfigError  # noqa: E402
@@ -602,3 +603,41 @@ def test_joint_space_runs_get_an_alignment_stage(tmp_path):
     names = {s.name for s in Plan(cfg, tmp_path / cfg.name).stages()}
     assert {"seed0/clip/alignment", "seed0/t3d/alignment"} <= names
     assert not {"seed0/vssl/alignment", "seed0/supervised/alignment", "seed0/random/alignment"} & names
+
+
+def test_every_encoder_gets_a_retrieval_probe_stage_with_its_settings(tmp_path):
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
+    by_name = {s.name: s for s in Plan(cfg, tmp_path / cfg.name).stages()}
+    for method in [*cfg.controls, *cfg.main_methods]:
+        stage = by_name[f"seed0/{method}/retrieval_probe"]
+        assert stage.meta["kind"] == "retrieval_probe" and stage.meta["settings"]["weight_decays"]
+    cfg.retrieval_probe = None
+    assert not any(n.endswith("/retrieval_probe") for n in (s.name for s in Plan(cfg, tmp_path / "x").stages()))
+
+
+def _retrieval_stage(method: str, low: float, value: float = 0.1, ceiling: bool = False) -> dict:
+    r = {"kind": "retrieval_probe", "method": method, "seed": 0, "chance": 0.042, "train_r5": 0.9, "weight_decay": 5.0,
+         "n_train": 180, "n_test": 120, "r@5": {"value": value, "low": low, "high": 0.2}}  # fmt: skip
+    if ceiling:
+        cell = {"r@5": {"value": 0.7, "low": 0.6, "high": 0.8}}
+        r["ceiling"] = {"findings": cell, "diffuse_findings": cell}
+    return r
+
+
+def test_the_retrieval_gate_is_sensitive_only_when_a_positive_control_clears_chance():
+    at_chance = [_retrieval_stage("random", 0.02, ceiling=True), _retrieval_stage("supervised", 0.03)]
+    rc = transfer_retrieval.retrieval_controls([*at_chance, {"kind": "alignment", "method": "t3d", "seed": 0}])
+    assert set(rc["runs"]) == {"random", "supervised"} and rc["sensitive"] == {"0": False}
+    assert rc["ceiling"]["0"]["findings"]["r5"] == 0.7
+    lines = transfer_retrieval.retrieval_control_lines(rc)
+    assert "| supervised | 0 | 0.100 [0.030, 0.200] | 0.042 | 0.90 | — |" in lines
+    assert any("exact finding vectors" in line for line in lines)
+    assert "no positive control clears chance" in lines[-2]
+    # The random control clearing chance does not make the gate sensitive; a positive control does.
+    rc = transfer_retrieval.retrieval_controls([_retrieval_stage("random", 0.05), _retrieval_stage("supervised", 0.03)])
+    assert rc["sensitive"] == {"0": False}
+    rc = transfer_retrieval.retrieval_controls([_retrieval_stage("supervised-seg", 0.05)])
+    assert rc["sensitive"] == {"0": True} and "is sensitive" in transfer_retrieval.retrieval_control_lines(rc)[-2]
+    rc = transfer_retrieval.retrieval_controls([_retrieval_stage("vssl", 0.05)])
+    assert rc["sensitive"] == {"0": None}
+    assert transfer_retrieval.retrieval_control_lines({}) == []
