@@ -120,12 +120,14 @@ def retrieval_control_lines(rc: dict) -> list[str]:
         "Retrieval through linear heads on each frozen encoder (trained on the pre-training pairs, held-out R@5 "
         "[95 % CI], chance; same-findings R@5 where known):",
         "",
-        "| encoder | seed | held-out R@5 [CI] | chance | training R@5 | same-findings R@5 |",
+        "| encoder | seed | held-out R@5 [CI] | chance | training R@5 | same-findings R@5 vs chance |",
         "|---|---|---|---|---|---|",
     ]
     for method, per in rc["runs"].items():
         for seed, r in sorted(per.items()):
-            same = f"{r['same_findings_r5']:.3f}" if "same_findings_r5" in r else "—"
+            same = (
+                f"{r['same_findings_r5']:.3f} vs {r['same_findings_r5_chance']:.3f}" if "same_findings_r5" in r else "—"
+            )
             lines.append(
                 f"| {method} | {seed} | {r['r5']:.3f} [{r['r5_ci_low']:.3f}, {r['r5_ci_high']:.3f}] | "
                 f"{r['chance']:.3f} | {r['train_r5']:.2f} | {same} |"
