@@ -382,8 +382,9 @@ def gate_lines(s: dict) -> list[str]:
 def alignment_lines(s: dict) -> list[str]:
     """The alignment gates of every joint-space run (``alignment_gates`` in the JSON) and the retrieval gate's controls
     (``retrieval_controls``)."""
+    controls = retrieval_control_lines(s.get("retrieval_controls") or {})
     if not s.get("alignment_gates"):
-        return retrieval_control_lines(s.get("retrieval_controls") or {})
+        return ["## Retrieval through the frozen encoders (no joint-space run)", "", *controls] if controls else []
     return [
         "## Alignment gates: does the text-informed term learn? (held-out studies, per run)",
         "",
@@ -394,5 +395,5 @@ def alignment_lines(s: dict) -> list[str]:
         "voxels worse with a shuffled report than with the study's own (interval above 0; restoration methods only). "
         "Same-findings R@5: the share of images whose 5 best reports include one with the image's own finding set.",
         "",
-        *retrieval_control_lines(s.get("retrieval_controls") or {}),
+        *controls,
     ]

@@ -641,3 +641,31 @@ def test_the_retrieval_gate_is_sensitive_only_when_a_positive_control_clears_cha
     rc = transfer_retrieval.retrieval_controls([_retrieval_stage("vssl", 0.05)])
     assert rc["sensitive"] == {"0": None}
     assert transfer_retrieval.retrieval_control_lines({}) == []
+
+
+def test_the_report_prints_the_retrieval_controls_with_or_without_joint_space_runs():
+    rc = transfer_retrieval.retrieval_controls([_retrieval_stage("supervised", 0.05)])
+    alone = transfer_report.alignment_lines({"retrieval_controls": rc})
+    assert alone[0].startswith("## Retrieval through the frozen encoders") and any("| supervised |" in x for x in alone)
+    passes = {
+        "align_share": False,
+        "retrieval_above_chance": False,
+        "heldout_study_cos": False,
+        "text_diagnostic": None,
+    }
+    stage = {
+        "kind": "alignment",
+        "method": "t3d",
+        "seed": 0,
+        "align_share": 0.1,
+        "retrieval_r5": 0.05,
+        "passes": passes,
+        "retrieval_r5_ci_low": 0.0,
+        "retrieval_chance": 0.04,
+        "heldout_study_cos": 0.9,
+    }
+    lines = transfer_report.alignment_lines(
+        {"alignment_gates": transfer_claims.alignment_gates([stage]), "retrieval_controls": rc}
+    )
+    assert lines[0].startswith("## Alignment gates") and lines.index(alone[2]) > 2
+    assert transfer_report.alignment_lines({}) == []
