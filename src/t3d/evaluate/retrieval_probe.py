@@ -1,7 +1,7 @@
 """Image -> report retrieval through contrastive heads on frozen features: the linear-probe reading of retrieval.
 
     result = retrieval_probe(x_train, t_train, x_test, t_test, RetrievalProbeConfig())
-    result["r5"]  # {"value", "low", "high"} on the test pairs; result["chance"] = 5 / N
+    result["r@5"]  # {"value", "low", "high"} on the test pairs; result["chance"] = 5 / N
 
 Two bias-free linear heads, one from frozen image features (standardised by the training pairs) and one from frozen
 report embeddings (centred by the training reports' mean and L2-normalised, as pre-training feeds them), are trained
@@ -104,7 +104,7 @@ def retrieval_probe(
     seed: int = 0,
 ) -> dict:
     """Fit heads on the training pairs (weight decay chosen on a validation part) and score test image -> report
-    retrieval: ``r5`` / ``r1`` / ``r10`` with bootstrap intervals over test queries, ``chance`` (5 / N), the training
+    retrieval: ``r@1`` / ``r@5`` / ``r@10`` with bootstrap intervals over test queries, ``chance`` (5 / N), the training
     R@5 (memorisation), the validation R@5 per weight decay and the one chosen, and ``embeddings``: the test
     (images, reports) joint-space rows (tensors: pop them before writing JSON). Row i of x and t is one study."""
     x_train, t_train = x_train.float(), t_train.float()
