@@ -224,7 +224,8 @@ class Plan:
             truth = self.data / "ground_truth.jsonl" if self.data is not None else None
             train, test = (self.caches["pretrain"], train_ids), (cache, test_ids)
             return run_retrieval_probe_stage(ckpt, pcfg, self.cfg.retrieval_probe, train, test, truth, seed,
-                                             max_crops=e.max_crops, overlap=e.overlap)  # fmt: skip
+                                             max_crops=e.max_crops, overlap=e.overlap,
+                                             with_ceiling=method == "random")  # fmt: skip
 
         meta = {"kind": "retrieval_probe", **base, "settings": to_dict(self.cfg.retrieval_probe)}
         return Stage(f"seed{seed}/{method}/retrieval_probe", out, run, meta, needs)
