@@ -34,7 +34,15 @@ from t3d.evaluate.studies import read_split
 from t3d.finetune.config import ClsConfig, SegConfig
 from t3d.finetune.segdata import read_msd
 from transfer_claims import alignment_gates, claims
-from transfer_config import RESULT, Stage, TransferConfig, flatten, has_joint_space, probe_stage_settings
+from transfer_config import (
+    REPEAT_SEED_STRIDE,
+    RESULT,
+    Stage,
+    TransferConfig,
+    flatten,
+    has_joint_space,
+    probe_stage_settings,
+)
 from transfer_controls import SEG_CONTROL, seg_control_config
 from transfer_figures import plot_align, plot_cells
 from transfer_probes import frozen_seg_cells, prepare_probe_data, probe_cells, run_probe_stage, sensitivity_gate
@@ -169,6 +177,8 @@ class Plan:
         for f in cfg.fractions:
             meta = {**base, "fraction": f}
             out.append(self._seg_stage(method, seed, f, meta, needs))
+            for r in range(1, cfg.seg_repeats):
+                out.append(self._seg_stage(method, seed, f, meta, needs, repeat=r))
             out.append(self._cls_stage(method, seed, f, "probe", {**cfg.cls, "freeze_encoder": True}, meta, needs))
             if cfg.cls_finetune is not None:
                 fields = {**cfg.cls_finetune, "freeze_encoder": False}
@@ -188,11 +198,18 @@ class Plan:
             )  # fmt: skip
         return out
 
-    def _seg_stage(self, method, seed, f, meta, needs, kind: str = "seg", fields: dict | None = None) -> Stage:
-        out = self.run_dir(method, seed) / (f"seg_f{f:g}" if kind == "seg" else kind)
+    def _seg_stage(
+        self, method, seed, f, meta, needs, kind: str = "seg", fields: dict | None = None, repeat: int = 0
+    ) -> Stage:
+        """A segmentation stage; ``repeat`` r > 0: the r-th extra fine-tuning run (its own seed, folder and name)."""
+        run = f"_run{repeat}" if repeat else ""
+        out = self.run_dir(method, seed) / ((f"seg_f{f:g}" if kind == "seg" else kind) + run)
         paths = {"data": self.seg_dataset, "out": str(out), "cache": str(self.caches["seg"]), "fraction": f}
         scfg = self.downstream_config(SegConfig, self.cfg.seg if fields is None else fields, method, seed, **paths)
-        name = f"seed{seed}/{method}/{kind} f={f:g}"
+        if repeat:
+            scfg = replace(scfg, seed=scfg.seed + REPEAT_SEED_STRIDE * repeat)
+            meta = {**meta, "repeat": repeat, "finetune_seed": scfg.seed}
+        name = f"seed{seed}/{method}/{kind} f={f:g}" + (f" run{repeat}" if repeat else "")
         return Stage(name, out, lambda: run_seg_stage(scfg), {"kind": kind, **meta}, needs)
 
     def _probe_stage(self, method, seed, base, needs) -> Stage:

@@ -171,10 +171,13 @@ def paired(results: Results, kind: str, metric: str, fraction, a: str, b: str, n
             return None
         d = paired_auroc(ga[0], ga[1], gb[1], n_boot)
     else:
-        ga, gb = (results.seg_matrix(metric, m, fraction, seeds, kind=kind) for m in (a, b))
-        if ga is None or gb is None or ga[2] != gb[2]:
+        reps = results.repeats(kind, [a, b], seeds, fraction)
+        ga, gb = (results.seg_matrix(metric, m, fraction, seeds, kind=kind, repeats=reps) for m in (a, b))
+        if not reps or ga is None or gb is None or ga[2] != gb[2]:
             return None
-        d = paired_dice(ga[0], gb[0], ga[1], n_boot)
+        d = paired_dice(ga[0], gb[0], ga[1], n_boot, repeats=len(reps))
+        runs = d["per_run_delta"]
+        return {"value": d["mean"], "low": d["low"], "high": d["high"], "seeds": seeds, "per_run_delta": runs}
     return {"value": d["mean"], "low": d["low"], "high": d["high"], "seeds": seeds}
 
 
@@ -226,5 +229,5 @@ def frozen_seg_cells(table: Results, methods: list[str], fraction: float, n_boot
         for metric in ("organ_dice", "lesion_dice", "small_lesion_dice"):
             got = table.seg_matrix(metric, m, fraction, kind="frozen_seg")
             if got is not None:
-                cells.setdefault(m, {})[metric] = dice_cell(got[0], got[1], n_boot)
+                cells.setdefault(m, {})[metric] = dice_cell(got[0], got[1], n_boot, repeats=got[3])
     return cells

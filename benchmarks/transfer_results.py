@@ -27,10 +27,11 @@ ZS_METRIC = {"zeroshot_auroc": "zero-shot AUROC"}
 
 
 class Results:
-    """Stage results indexed by (kind, method, seed, fraction)."""
+    """Stage results indexed by (kind, method, seed, fraction, repeat); ``repeat``: the fine-tuning run of a
+    segmentation stage (0 when the result has none; ``seg_repeats`` in the benchmark config)."""
 
     def __init__(self, results: Sequence[dict], lesion_labels: Sequence[int] | None = None):
-        self.by_key = {(r["kind"], r["method"], r["seed"], r.get("fraction")): r for r in results}
+        self.by_key = {(r["kind"], r["method"], r["seed"], r.get("fraction"), r.get("repeat", 0)): r for r in results}
         self.lesion_labels = None if lesion_labels is None else [int(v) for v in lesion_labels]
 
     def revisions(self) -> dict[str, int]:
@@ -38,24 +39,41 @@ class Results:
         return dict(Counter(r.get("revision", "not recorded") for r in self.by_key.values()))
 
     def seeds(self, kind: str, method: str, fraction: float | None = None) -> list[int]:
-        return sorted(s for (k, m, s, f) in self.by_key if k == kind and m == method and f == fraction)
+        return sorted({s for (k, m, s, f, _) in self.by_key if k == kind and m == method and f == fraction})
 
-    def get(self, kind: str, method: str, seed: int, fraction: float | None = None) -> dict | None:
-        return self.by_key.get((kind, method, seed, fraction))
+    def get(self, kind: str, method: str, seed: int, fraction: float | None = None, repeat: int = 0) -> dict | None:
+        return self.by_key.get((kind, method, seed, fraction, repeat))
+
+    def repeats(self, kind: str, methods: Sequence[str], seeds: Sequence[int], fraction: float | None) -> list[int]:
+        """The fine-tuning runs every one of ``methods`` has for every one of ``seeds`` (a rectangular design)."""
+        have = [
+            {r for (k, m, s, f, r) in self.by_key if (k, m, s, f) == (kind, method, seed, fraction)}
+            for method in methods
+            for seed in seeds
+        ]
+        return sorted(set.intersection(*have)) if have else []
 
     def seg_matrix(
-        self, metric: str, method: str, fraction: float, seeds: Sequence[int] | None = None, kind: str = "seg"
+        self,
+        metric: str,
+        method: str,
+        fraction: float,
+        seeds: Sequence[int] | None = None,
+        kind: str = "seg",
+        repeats: Sequence[int] | None = None,
     ):
-        """(values (S, N), weights (S, N) | None, case ids) of a segmentation metric of stages of ``kind`` (``seg``,
-        ``frozen_seg``); None without results."""
+        """(values (S * R, N), weights | None, case ids, R) of a segmentation metric of stages of ``kind`` (``seg``,
+        ``frozen_seg``): a row per (seed, fine-tuning run), seed-major, for the ``repeats`` runs (default: those every
+        seed has); None without results."""
         seeds = list(seeds) if seeds is not None else self.seeds(kind, method, fraction)
-        runs = [self.get(kind, method, s, fraction) for s in seeds]
+        repeats = list(repeats) if repeats is not None else self.repeats(kind, [method], seeds, fraction)
+        runs = [self.get(kind, method, s, fraction, r) for s in seeds for r in repeats]
         if not runs or any(r is None for r in runs):
             return None
         ids = sorted(set.intersection(*[{c["id"] for c in r["cases"]} for r in runs]))
         pairs = [[seg_case_value(r, _cases(r)[i], metric, self.lesion_labels) for i in ids] for r in runs]
-        vals, wts = np.array(pairs, dtype=float)[..., 0], np.array(pairs, dtype=float)[..., 1]  # (S, N) each
-        return vals, (wts if metric == "small_lesion_dice" else None), ids
+        vals, wts = np.array(pairs, dtype=float)[..., 0], np.array(pairs, dtype=float)[..., 1]  # (S * R, N) each
+        return vals, (wts if metric == "small_lesion_dice" else None), ids, len(repeats)
 
     def score_tensor(self, kind: str, method: str, fraction: float | None, seeds: Sequence[int] | None = None):
         """(labels (N, L), scores (S, N, L), ids) of a classification-type stage; None without results."""
@@ -105,7 +123,7 @@ def cell(results: Results, metric: str, method: str, fraction: float | None, n_b
     """Interval dict of one (metric, method, fraction) cell, or None without results."""
     if metric in SEG_METRICS:
         got = results.seg_matrix(metric, method, fraction)
-        return None if got is None else dice_cell(got[0], got[1], n_boot, seed)
+        return None if got is None else dice_cell(got[0], got[1], n_boot, seed, repeats=got[3])
     kind = {"probe_auroc": "probe", "finetune_auroc": "finetune", "zeroshot_auroc": "zeroshot"}[metric]
     got = results.score_tensor(kind, method, fraction if kind != "zeroshot" else None)
     return None if got is None else auroc_cell(got[0], got[1], n_boot, seed)
@@ -115,10 +133,11 @@ def compare(results: Results, metric: str, a: str, b: str, fraction: float, n_bo
     """Paired comparison of methods ``a`` - ``b`` on the seeds both have; None when not possible."""
     if metric in SEG_METRICS:
         seeds = sorted(set(results.seeds("seg", a, fraction)) & set(results.seeds("seg", b, fraction)))
-        ga, gb = (results.seg_matrix(metric, m, fraction, seeds) for m in (a, b)) if seeds else (None, None)
+        reps = results.repeats("seg", [a, b], seeds, fraction)
+        ga, gb = (results.seg_matrix(metric, m, fraction, seeds, repeats=reps) for m in (a, b)) if reps else (None,) * 2
         if ga is None or gb is None or ga[2] != gb[2]:
             return None
-        return {**paired_dice(ga[0], gb[0], ga[1], n_boot, seed), "seeds": seeds}
+        return {**paired_dice(ga[0], gb[0], ga[1], n_boot, seed, repeats=len(reps)), "seeds": seeds, "repeats": reps}
     kind = {"probe_auroc": "probe", "finetune_auroc": "finetune"}[metric]
     seeds = sorted(set(results.seeds(kind, a, fraction)) & set(results.seeds(kind, b, fraction)))
     ga, gb = (results.score_tensor(kind, m, fraction, seeds) for m in (a, b)) if seeds else (None, None)

@@ -11,7 +11,9 @@ test cases. Two kinds of cell:
 Intervals are a two-level percentile bootstrap: each replicate resamples seeds with replacement *and* test cases
 with replacement (one case draw shared by all seeds of the replicate, as every seed is scored on the same cases),
 so seed-to-seed (pre-training + fine-tuning) variation and test-set sampling both widen the interval. With one
-seed it reduces to the usual bootstrap over test cases.
+seed it reduces to the usual bootstrap over test cases. Where each seed has R fine-tuning runs (``repeats``; the rows
+of a per-case matrix are then (seed, run) pairs, seed-major), a replicate also resamples the R runs within each drawn
+seed: three levels, so fine-tuning luck widens the interval too.
 
 Paired comparisons (method A - method B) use the *same* seed and case draws for both methods, seeds paired by
 seed number (same fine-tuning subset and seed), so the shared difficulty of a case cancels. The two-sided bootstrap
@@ -33,10 +35,17 @@ from t3d.metrics import auroc_replicates
 # ----------------------------------------------------------------------------------------------- resampling
 
 
-def resample(n_seeds: int, n_cases: int, n_boot: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Bootstrap draws: seed indices (n_boot, S) and case indices (n_boot, N), with replacement."""
+def resample(n_seeds: int, n_cases: int, n_boot: int, seed: int = 0, repeats: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap draws: row indices (n_boot, S * R) and case indices (n_boot, N), with replacement.
+
+    Rows are seeds when ``repeats`` is 1; otherwise (seed, run) pairs, seed-major (row = seed * R + run): seeds are
+    drawn first, then R runs within each drawn seed. The seed and case draws do not depend on ``repeats``."""
     rng = np.random.default_rng(seed)
-    return rng.integers(0, n_seeds, size=(n_boot, n_seeds)), rng.integers(0, n_cases, size=(n_boot, n_cases))
+    seeds, cases = rng.integers(0, n_seeds, size=(n_boot, n_seeds)), rng.integers(0, n_cases, size=(n_boot, n_cases))
+    if repeats == 1:
+        return seeds, cases
+    runs = rng.integers(0, repeats, size=(n_boot, n_seeds, repeats))
+    return (seeds[:, :, None] * repeats + runs).reshape(n_boot, n_seeds * repeats), cases
 
 
 def weighted_mean(values: np.ndarray, weights: np.ndarray | None = None, axis=None) -> np.ndarray | float:
@@ -118,13 +127,24 @@ def interval(value: float, replicates: np.ndarray, ci: float = 0.95) -> dict:
     return {"mean": float(value), "low": float(lo), "high": float(hi), "n_boot": len(reps), "n_used": len(used)}
 
 
-def dice_cell(values: np.ndarray, weights: np.ndarray | None, n_boot: int, seed: int = 0, ci: float = 0.95) -> dict:
-    """Interval of a per-case metric over seeds x cases; ``values``/``weights`` (S, N)."""
+def dice_cell(
+    values: np.ndarray, weights: np.ndarray | None, n_boot: int, seed: int = 0, ci: float = 0.95, repeats: int = 1
+) -> dict:
+    """Interval of a per-case metric over seeds x cases; ``values``/``weights`` (S * R, N), R = ``repeats``
+    fine-tuning runs per seed (seed-major rows). ``run_means``: each row's mean (what fine-tuning luck moves)."""
     values = np.asarray(values, dtype=float)
-    s, n = values.shape
-    seeds, cases = resample(s, n, n_boot, seed)
+    rows, n = values.shape
+    s = _seeds_of(rows, repeats)
+    seeds, cases = resample(s, n, n_boot, seed, repeats)
     out = interval(weighted_mean(values, weights), mean_replicates(values, weights, seeds, cases), ci)
-    return {**out, "n_seeds": s, "n_cases": n}
+    run_means = [weighted_mean(values[i], None if weights is None else np.asarray(weights)[i]) for i in range(rows)]
+    return {**out, "n_seeds": s, "n_runs": rows, "n_cases": n, "run_means": run_means}
+
+
+def _seeds_of(rows: int, repeats: int) -> int:
+    if repeats < 1 or rows % repeats:
+        raise ValueError(f"{rows} rows are not whole seeds of {repeats} fine-tuning runs each")
+    return rows // repeats
 
 
 def auroc_cell(y: np.ndarray, scores: np.ndarray, n_boot: int, seed: int = 0, ci: float = 0.95) -> dict:
@@ -168,19 +188,32 @@ def paired_delta(
     n_boot: int,
     seed: int = 0,
     ci: float = 0.95,
+    repeats: int = 1,
 ) -> dict:
-    """Difference A - B with one set of (seed, case) draws for both; ``stat(seeds, cases) -> (delta replicates)``."""
-    seeds, cases = resample(n_seeds, n_cases, n_boot, seed)
+    """Difference A - B with one set of (seed, run, case) draws for both; ``stat(rows, cases) -> (delta replicates)``
+    (rows: see ``resample``)."""
+    seeds, cases = resample(n_seeds, n_cases, n_boot, seed, repeats)
     a, b = point()
     deltas = stat(seeds, cases)
     out = interval(a - b, deltas, ci)
-    return {**out, "a_mean": a, "b_mean": b, "p_boot": bootstrap_p(deltas), "n_seeds": n_seeds, "n_cases": n_cases}
+    return {
+        **out,
+        "a_mean": a,
+        "b_mean": b,
+        "p_boot": bootstrap_p(deltas),
+        "n_seeds": n_seeds,
+        "n_runs": n_seeds * repeats,
+        "n_cases": n_cases,
+    }
 
 
-def paired_dice(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None, n_boot: int, seed: int = 0) -> dict:
-    """Paired comparison of a per-case metric: ``a``, ``b``, ``weights`` (S, N) on the same seeds and cases.
+def paired_dice(
+    a: np.ndarray, b: np.ndarray, weights: np.ndarray | None, n_boot: int, seed: int = 0, repeats: int = 1
+) -> dict:
+    """Paired comparison of a per-case metric: ``a``, ``b``, ``weights`` (S * R, N) on the same seeds, fine-tuning
+    runs (row i of both: the same fine-tuning seed) and cases.
 
-    Adds a Wilcoxon signed-rank test over cases on the seed-averaged per-case values (cases defined for both)."""
+    Adds a Wilcoxon signed-rank test over cases on the run-averaged per-case values (cases defined for both)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     w = np.ones_like(a) if weights is None else np.asarray(weights, dtype=float)
     both = np.isfinite(a) & np.isfinite(b)
@@ -189,7 +222,10 @@ def paired_dice(a: np.ndarray, b: np.ndarray, weights: np.ndarray | None, n_boot
     def stat(seeds, cases):
         return mean_replicates(a, w, seeds, cases) - mean_replicates(b, w, seeds, cases)
 
-    out = paired_delta(stat, lambda: (weighted_mean(a, w), weighted_mean(b, w)), *a.shape, n_boot, seed)
+    n_seeds = _seeds_of(a.shape[0], repeats)
+    point = lambda: (weighted_mean(a, w), weighted_mean(b, w))  # noqa: E731
+    out = paired_delta(stat, point, n_seeds, a.shape[1], n_boot, seed, repeats=repeats)
+    out["per_run_delta"] = [weighted_mean(a[i], w[i]) - weighted_mean(b[i], w[i]) for i in range(a.shape[0])]
     out["wilcoxon"] = wilcoxon_cases(a, b)
     return out
 
@@ -207,7 +243,7 @@ def paired_auroc(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int, seed:
 
 
 def wilcoxon_cases(a: np.ndarray, b: np.ndarray) -> dict:
-    """Wilcoxon signed-rank test (two-sided) over cases of the seed-averaged values of (S, N) ``a`` and ``b``."""
+    """Wilcoxon signed-rank test (two-sided) over cases of the run-averaged values of (runs, N) ``a`` and ``b``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
         ma, mb = np.nanmean(np.asarray(a, float), axis=0), np.nanmean(np.asarray(b, float), axis=0)
