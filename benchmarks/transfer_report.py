@@ -55,8 +55,30 @@ def results_table(
         for m in rows:
             row = cells[m]
             seeds = max((v.get("n_seeds", 0) for v in row.values()), default=0)
+            runs = max((v.get("n_runs", 0) for v in row.values()), default=0)
+            used = f"{seeds} (Dice: {runs} runs)" if runs > seeds else str(seeds)
             label = f"{m} (control)" if m in controls else m
-            lines.append(f"| {label} | {seeds} | " + " | ".join(fmt(row.get(k)) for k in names) + " |")
+            lines.append(f"| {label} | {used} | " + " | ".join(fmt(row.get(k)) for k in names) + " |")
+    return lines
+
+
+def runs_table(cells: dict, methods: Sequence[str], controls: Sequence[str] = ()) -> list[str]:
+    """Each segmentation fine-tuning run's mean Dice (seed-major: seed 0 run 0, run 1, ...), where any method has
+    more than one run per seed: how far fine-tuning luck alone moves a cell."""
+    metrics = [k for k in SEG_METRICS if any(k in cells.get(m, {}) for m in methods)]
+    multi = [m for m in methods if any(cells.get(m, {}).get(k, {}).get("n_runs", 0) > 1 for k in metrics)]
+    if not multi:
+        return []
+    lines = ["| method | " + " | ".join(f"{SEG_METRICS[k]} per run" for k in metrics) + " | largest run spread |"]
+    lines.append("|---" * (len(metrics) + 2) + "|")
+    for m in multi:
+        row, spread = [], 0.0
+        for k in metrics:
+            vals = [v for v in cells[m].get(k, {}).get("run_means", []) if v is not None and math.isfinite(v)]
+            row.append(", ".join(f"{v:.3f}" for v in vals) or "—")
+            spread = max(spread, max(vals) - min(vals)) if vals else spread
+        label = f"{m} (control)" if m in controls else m
+        lines.append(f"| {label} | " + " | ".join(row) + f" | {spread:.3f} |")
     return lines
 
 
@@ -223,7 +245,9 @@ CI_NOTE = (
     "small-lesion Dice is lesion-level (components < small_lesion_mm). AUROC cells are the mean over seeds of the "
     "macro AUROC over findings with both label values among the test studies. Paired comparisons draw the same "
     "seeds (paired by seed number) and cases for both methods; p (paired bootstrap) = 2 min(P(d*<=0), P(d*>=0)); "
-    "the Wilcoxon signed-rank test is over test cases on seed-averaged per-case Dice."
+    "the Wilcoxon signed-rank test is over test cases on run-averaged per-case Dice. With several segmentation "
+    "fine-tuning runs per seed (`seg_repeats`), Dice intervals resample the runs within each drawn seed as well, "
+    "and comparisons pair run r of one method with run r of the other (the same fine-tuning seed)."
 )
 
 
@@ -250,7 +274,8 @@ def config_lines(s: dict) -> list[str]:
         f"{seg.get('crop_size') or pre['crops']['size']}, lr {seg.get('lr', '?')}, test studies capped at "
         f"{cfg['data']['seg_max_test'] or 'all'}; classification: linear probe ({cls.get('steps', '?')} L-BFGS "
         f"iterations per L2 strength)" + (", plus full fine-tune" if cfg.get("cls_finetune") is not None else ""),
-        f"- label fractions {cfg['fractions']}; seeds {cfg['seeds']} (ablations {cfg['ablation_seeds']}); methods "
+        f"- label fractions {cfg['fractions']}; seeds {cfg['seeds']} (ablations {cfg['ablation_seeds']}); "
+        f"segmentation runs per seed {cfg.get('seg_repeats', 1)}; methods "
         f"{', '.join(cfg['main_methods'])}; controls {', '.join(cfg.get('controls', []))}; ablations "
         f"{', '.join(cfg['ablations'])}",
     ]
@@ -329,6 +354,10 @@ def render(s: dict, pretrain: Sequence[dict]) -> str:
     for f, cells in s["cells"].items():
         table = results_table(cells, s["methods"], s["metrics"], s.get("controls", ()))
         lines += ["", f"## Results at label fraction {f}", "", *table]
+        runs = runs_table(cells, s["methods"], s.get("controls", ()))
+        if runs:
+            lines += ["", "Segmentation fine-tuning runs (mean Dice of each run; the intervals above include them):"]
+            lines += ["", *runs]
     if s.get("probes"):
         lines += ["", "## Frozen-encoder probes (test studies; 95 % bootstrap interval over studies)", ""]
         lines += probe_table(s["probes"], s["methods"], s.get("controls", ()))

@@ -669,3 +669,85 @@ def test_the_report_prints_the_retrieval_controls_with_or_without_joint_space_ru
     )
     assert lines[0].startswith("## Alignment gates") and lines.index(alone[2]) > 2
     assert transfer_report.alignment_lines({}) == []
+
+
+# ----------------------------------------------------------------------------------------------- fine-tuning runs
+
+
+def test_run_draws_stay_within_their_seed_and_leave_the_seed_draws_unchanged():
+    seeds, cases = transfer_stats.resample(3, 7, 200, seed=4)
+    rows, cases_r = transfer_stats.resample(3, 7, 200, seed=4, repeats=2)
+    assert rows.shape == (200, 6) and np.array_equal(cases, cases_r)
+    assert np.array_equal(rows // 2, np.repeat(seeds, 2, axis=1))  # the runs of each drawn seed, drawn within it
+    assert set(np.unique(rows % 2)) == {0, 1}
+
+
+def test_fine_tuning_luck_widens_the_dice_interval_and_hides_a_difference_it_explains():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.4, 0.8, size=20)
+    b = np.stack([base, base + 0.1])  # one seed, two fine-tuning runs 0.1 apart
+    one = transfer_stats.dice_cell(b[:1], None, n_boot=500)
+    both = transfer_stats.dice_cell(b, None, n_boot=500, repeats=2)
+    assert (
+        both["n_seeds"] == 1
+        and both["n_runs"] == 2
+        and both["run_means"] == pytest.approx([base.mean(), base.mean() + 0.1])
+    )
+    assert both["high"] - both["low"] > one["high"] - one["low"]
+    # a - b = +0.05 in run 0 and -0.05 in run 1: case resampling alone would call run 0 a win
+    a = np.stack([base + 0.05, base + 0.05])
+    assert transfer_stats.paired_dice(a[:1], b[:1], None, n_boot=500)["low"] > 0
+    runs = transfer_stats.paired_dice(a, b, None, n_boot=500, repeats=2)
+    assert runs["low"] < 0 < runs["high"] and runs["n_runs"] == 2
+    assert runs["per_run_delta"] == pytest.approx([0.05, -0.05])
+    steady = transfer_stats.paired_dice(b + 0.05, b, None, n_boot=500, repeats=2)
+    assert steady["low"] > 0  # a difference every run shows survives
+    with pytest.raises(ValueError, match="whole seeds"):
+        transfer_stats.dice_cell(np.ones((3, 4)), None, n_boot=10, repeats=2)
+
+
+def test_results_pair_the_fine_tuning_runs_both_methods_have():
+    runs = [seg_result("t3d", 0, 0.05), seg_result("vssl", 0, 0.0), {**seg_result("t3d", 0, -0.05), "repeat": 1}]
+    table = transfer_results.Results(runs)
+    assert table.seeds("seg", "t3d", 1.0) == [0] and table.repeats("seg", ["t3d"], [0], 1.0) == [0, 1]
+    assert table.repeats("seg", ["t3d", "vssl"], [0], 1.0) == [0]
+    values, _, ids, n_runs = table.seg_matrix("organ_dice", "t3d", 1.0)
+    assert values.shape == (2, len(ids)) and n_runs == 2
+    assert values[0] - values[1] == pytest.approx(np.full(len(ids), 0.1))
+    delta = transfer_results.compare(table, "organ_dice", "t3d", "vssl", 1.0, n_boot=200)
+    assert delta["repeats"] == [0] and delta["mean"] == pytest.approx(0.05)  # vssl has run 0 only
+    runs.append({**seg_result("vssl", 0, 0.0), "repeat": 1})
+    delta = transfer_results.compare(transfer_results.Results(runs), "organ_dice", "t3d", "vssl", 1.0, n_boot=200)
+    assert delta["repeats"] == [0, 1] and delta["mean"] == pytest.approx(0.0) and delta["n_runs"] == 2
+    gate = transfer_probes.paired(transfer_results.Results(runs), "seg", "organ_dice", 1.0, "t3d", "vssl", 200)
+    assert gate["per_run_delta"] == pytest.approx([0.05, -0.05])
+
+
+def test_seg_repeats_plan_extra_fine_tuning_runs_with_their_own_seeds(tmp_path):
+    cfg = transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", smoke=True)
+    cfg.seg_repeats = 3
+    by_name = {s.name: s for s in Plan(cfg, tmp_path / cfg.name).stages()}
+    first, third = by_name["seed0/t3d/seg f=1"], by_name["seed0/t3d/seg f=1 run2"]
+    assert "repeat" not in first.meta and first.meta["finetune_seed"] == cfg.finetune_seed_offset
+    assert third.meta["repeat"] == 2 and third.meta["finetune_seed"] == cfg.finetune_seed_offset + 200
+    assert third.out.name == "seg_f1_run2" and third.out.parent == first.out.parent
+    assert "seed0/t3d/seg f=1 run1" in by_name and "seed0/t3d/seg f=1 run3" not in by_name
+    assert not any(n.endswith("run1") for n in by_name if "/probe" in n)  # probes are fitted once
+    with pytest.raises(ConfigError, match="seg_repeats"):
+        transfer_config.load_transfer_config(ROOT / "benchmarks" / "transfer_cpu.yaml", overrides=["--seg_repeats=0"])
+    with pytest.raises(ConfigError, match="< 100"):
+        transfer_config.load_transfer_config(
+            ROOT / "benchmarks" / "transfer_cpu.yaml", overrides=["--seeds=[100]", "--seg_repeats=2"]
+        )
+
+
+def test_the_report_shows_each_fine_tuning_run():
+    runs = [seg_result("vssl", 0, 0.0), {**seg_result("vssl", 0, 0.1), "repeat": 1}, seg_result("random", 0, 0.0)]
+    table = transfer_results.Results(runs)
+    summary = transfer_results.summarise(table, ["random", "vssl"], [1.0], ["vssl"], ["organ_dice"], n_boot=100)
+    cells = summary["cells"]["1.0"]
+    assert cells["vssl"]["organ_dice"]["n_runs"] == 2 and cells["random"]["organ_dice"]["n_runs"] == 1
+    lines = transfer_report.runs_table(cells, ["random", "vssl"], ["random"])
+    assert len(lines) == 3 and lines[2].startswith("| vssl | 0.700, 0.800 |") and lines[2].endswith("| 0.100 |")
+    assert "1 (Dice: 2 runs)" in "\n".join(transfer_report.results_table(cells, ["random", "vssl"], ["organ_dice"]))
+    assert transfer_report.runs_table(summary["cells"]["1.0"], ["random"]) == []
