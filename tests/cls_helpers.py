@@ -50,5 +50,7 @@ def write_checkpoint(run_dir: Path, method: str = "t3d", seed: int = 0) -> Path:
         "text_model": MINILM_ID,
         "step": 1,
     }
+    if method_spec(method).align == "sentence":
+        state["sent_mean"] = 0.01 * torch.randn(TEXT_DIM)
     save_checkpoint(state, run_dir, "final")
     return run_dir

@@ -205,3 +205,49 @@ def test_grid_dataset_reads_windowed_crops_of_the_cache(tiny):
     assert item["crops"].shape[1:] == (2, 32, 32, 32) and 1 <= item["crops"].shape[0] <= 4
     assert 0.0 <= float(item["crops"].min()) and float(item["crops"].max()) <= 1.0
     torch.testing.assert_close(item["crops"], ds[0]["crops"])
+
+
+# ----------------------------------------------------------------------------------------------- align: sentence
+
+
+def test_sentence_scores_average_each_sentences_best_region():
+    from t3d.evaluate.joint import sentence_scores
+
+    e = torch.eye(3)
+    regions = [e[[0, 1]], e[[2]]]  # study 0: regions along x and y; study 1: one region along z
+    sent = torch.stack([e[0], e[2], e[1]])  # report 0: "x" and "z"; report 1: "y"
+    scores = sentence_scores(regions, sent, torch.tensor([0, 0, 1]), n_texts=2)  # (studies, reports)
+    torch.testing.assert_close(scores, torch.tensor([[0.5, 1.0], [0.5, 0.0]]))  # padding never wins the max
+
+
+def test_a_sentence_checkpoint_is_evaluated_by_its_sentences_best_tiles(tiny, capsys):
+    from t3d.evaluate.joint import load_joint, region_embeddings, sentence_embeddings, study_dataset
+    from t3d.evaluate.retrieval import retrieval_from_scores
+    from t3d.evaluate.studies import report_texts
+
+    data, ck = tiny["data"], write_checkpoint(tiny["root"] / "ck_sentence", "t3d-sentence")
+    out = tiny["root"] / "retrieval_sentence"
+    args = ["evaluate", "retrieval", "--checkpoint", str(ck), "--manifest", str(data / "reports.jsonl")]
+    assert main(args + ["--out", str(out), "--n-boot", "30", "--workers", "0"]) == 0  # all 16 studies
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scores"] == "sentence" and metrics["method"] == "t3d-sentence"
+
+    jm = load_joint(ck, device=torch.device("cpu"))
+    ids, texts = report_texts(out / "cache", jm.cfg.text.sections, None)
+    regions, got = region_embeddings(jm, study_dataset(jm.cfg, jm.spec, out / "cache", ids))
+    sent, owner = sentence_embeddings(jm, texts, out / "cache" / "text")
+    assert got == ids and owner.tolist() == sorted(owner.tolist()) and len(set(owner.tolist())) == len(texts)
+    expected = torch.tensor(
+        [[float(np.mean([(r @ s).max() for s in sent[owner == j]])) for j in range(len(texts))] for r in regions]
+    )
+    recomputed = retrieval_from_scores(expected, n_boot=30)
+    assert len(ids) == 16 and metrics["n_studies"] == 16
+    for direction in ("image_to_report", "report_to_image"):
+        for k in ("R@1", "R@5"):
+            assert metrics[direction][k]["value"] == pytest.approx(recomputed[direction][k]["value"]), (direction, k)
+
+    zs = tiny["root"] / "zeroshot_sentence"
+    args = ["evaluate", "zeroshot", "--checkpoint", str(ck), "--data", str(data / "findings.csv"), "--out", str(zs)]
+    assert main(args + ["--n-boot", "30", "--workers", "0", "--splits", str(data / "splits.json")]) == 0
+    assert json.loads((zs / "metrics.json").read_text())["scores"] == "sentence"
+    capsys.readouterr()

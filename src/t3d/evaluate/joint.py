@@ -4,6 +4,9 @@
     data = study_dataset(jm.cfg, jm.spec, "cache", ids)            # grid crops (whole volume for ``clip``)
     u, ids = image_embeddings(jm, data)                            # (N, E) unit norm: model.study_embedding
     t = text_embeddings(jm, ["There is a nodule."], "text_cache")  # (M, E) unit norm
+    # align: sentence checkpoints score a study-text pair through the text's sentences and the study's regions:
+    regions, ids = region_embeddings(jm, data)                   # per study (K_s, E): its tiles in the joint space
+    scores = sentence_scores(regions, *sentence_embeddings(jm, texts, "text_cache"), len(texts))  # (N, M)
 
 A study embedding is built by the function pre-training aligned with the reports (``PretrainModel.study_embedding``
 of the study's pooled crop features), here over the deterministic grid of ``t3d.data.grid`` instead of random
@@ -32,7 +35,7 @@ from t3d.checkpoint import load_checkpoint
 from t3d.config import PretrainConfig, TextConfig, from_dict
 from t3d.data.crops import WholeVolumeDataset
 from t3d.data.grid import GridCropDataset
-from t3d.losses import MethodSpec, method_spec
+from t3d.losses import MethodSpec, method_spec, sentence_similarity
 from t3d.pretrain.model import PretrainModel
 from t3d.text import load_text_features
 
@@ -53,6 +56,13 @@ class JointModel:
     """Id of the frozen text encoder the checkpoint was trained with."""
     step: int
     device: torch.device
+    sent_mean: torch.Tensor | None = None
+    """(Et,) mean of the frozen *sentence* embeddings of the pre-training corpus (``align: sentence`` checkpoints)."""
+
+    @property
+    def sentence_aligned(self) -> bool:
+        """Trained with ``align: sentence``: a report meets a study through its sentences' best tiles, not ``u``."""
+        return self.spec.align == "sentence"
 
     @property
     def method(self) -> str:
@@ -105,6 +115,7 @@ def load_joint(path: str | Path, device: torch.device | None = None, state: dict
         text_model=str(state.get("text_model", "")),
         step=int(state.get("step", 0)),
         device=device,
+        sent_mean=None if state.get("sent_mean") is None else state["sent_mean"].float(),
     )
 
 
@@ -192,6 +203,55 @@ def pool_tiles(jm: JointModel, dataset: GridCropDataset, per_study: list[torch.T
     return torch.cat(out)
 
 
+@torch.no_grad()
+def region_embeddings(
+    jm: JointModel, dataset: Dataset, crop_batch: int = 8, workers: int = 0
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Per study, (K_s, E) unit-norm joint-space embeddings of its regions, and the ids, in dataset order: the tiles
+    of a tiled checkpoint (``TilePooling.tile_embeddings`` with their body positions) or the grid crops through the
+    crop head of a crop checkpoint: what ``align: sentence`` matched each sentence against in pre-training."""
+    model = jm.model
+    if jm.spec.tiles:
+        per_study, ids = encode_studies(dataset, model.tile_features, jm.device, crop_batch, workers, desc="tiles")
+        out = []
+        for index, feats in enumerate(per_study):
+            pos = torch.from_numpy(dataset.positions(index))[None].to(jm.device)
+            out.append(model.tile_pool.tile_embeddings(feats[None].to(jm.device), pos)[0].float().cpu())
+        return out, ids
+    if model.image_head is None:
+        raise ValueError(f"checkpoint {jm.path} (method '{jm.method}') has no per-region embedding")
+
+    def crop_fn(x: torch.Tensor) -> torch.Tensor:
+        return model.image_head(model.encoder.pool(model.encoder.forward_features(x)))
+
+    return encode_studies(dataset, crop_fn, jm.device, crop_batch, workers, desc="region embeddings")
+
+
+@torch.no_grad()
+def sentence_embeddings(
+    jm: JointModel, texts: list[str], cache_dir: str | Path, text_model: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, E) unit-norm joint-space embeddings of the sentences of ``texts`` and (S,) the text each belongs to (every
+    text owns >= 1): frozen encoder -> centre by the checkpoint's sentence-corpus mean -> normalise -> text head."""
+    jm.require_joint_space()
+    if jm.sent_mean is None:
+        raise ValueError(f"{jm.path} has no sent_mean: it was not trained with align: sentence by this version")
+    feats = load_text_features(list(texts), text_config(jm, text_model), cache_dir, sentences=True)
+    frozen = F.normalize(feats.sent.float() - jm.sent_mean, dim=-1)  # (S, Et)
+    return jm.model.text_head(frozen.to(jm.device)).float().cpu(), feats.sent_owner.long().cpu()
+
+
+def sentence_scores(regions: list[torch.Tensor], sent: torch.Tensor, owner: torch.Tensor, n_texts: int) -> torch.Tensor:
+    """(N studies, M texts) scores of ``align: sentence``: mean over a text's sentences of its best region's cosine
+    (``t3d.losses.sentence_similarity``, the pre-training score; studies with fewer regions padded and masked)."""
+    width = max(len(r) for r in regions)
+    z = torch.zeros(len(regions), width, sent.shape[1])
+    mask = torch.zeros(len(regions), width, dtype=torch.bool)
+    for i, r in enumerate(regions):
+        z[i, : len(r)], mask[i, : len(r)] = r, True
+    return sentence_similarity(z, sent, owner, n_texts, mask).T  # (N, M)
+
+
 def text_config(jm: JointModel, model: str | None = None) -> TextConfig:
     """The checkpoint's text settings, optionally pointing at another copy of the same encoder (``model``)."""
     return replace(jm.cfg.text, model=model) if model else jm.cfg.text
@@ -199,18 +259,24 @@ def text_config(jm: JointModel, model: str | None = None) -> TextConfig:
 
 @torch.no_grad()
 def text_embeddings(
-    jm: JointModel, texts: list[str], cache_dir: str | Path, text_model: str | None = None
+    jm: JointModel, texts: list[str], cache_dir: str | Path, text_model: str | None = None, as_sentences: bool = False
 ) -> torch.Tensor:
     """(M, E) unit-norm joint-space embeddings of ``texts``: frozen encoder -> centre by the checkpoint's corpus
-    mean -> normalise -> text head (the pre-training path of ``TextLookup``)."""
+    mean -> normalise -> text head (the pre-training path of ``TextLookup``). ``as_sentences``: each text is one
+    sentence of an ``align: sentence`` checkpoint (a zero-shot prompt), centred by the sentence-corpus mean."""
     jm.require_joint_space()
+    mean = jm.text_mean
+    if as_sentences:
+        if jm.sent_mean is None:
+            raise ValueError(f"{jm.path} has no sent_mean: it was not trained with align: sentence by this version")
+        mean = jm.sent_mean
     feats = load_text_features(list(texts), text_config(jm, text_model), cache_dir)
     if jm.text_model and feats.model_id != jm.text_model:
         raise ValueError(
             f"checkpoint {jm.path} was trained with text encoder '{jm.text_model}' but text.model resolves to "
             f"'{feats.model_id}'; pass --text-model pointing at the same weights"
         )
-    frozen = F.normalize(feats.pooled.float() - jm.text_mean, dim=-1)  # (M, Et)
+    frozen = F.normalize(feats.pooled.float() - mean, dim=-1)  # (M, Et)
     return jm.model.text_head(frozen.to(jm.device)).float().cpu()  # (M, E)
 
 

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import torch
 
-from t3d.evaluate.joint import JointModel, encode_studies, image_embeddings, load_joint, study_dataset, text_embeddings
+from t3d.evaluate.joint import (
+    JointModel,
+    encode_studies,
+    image_embeddings,
+    load_joint,
+    region_embeddings,
+    sentence_embeddings,
+    sentence_scores,
+    study_dataset,
+    text_embeddings,
+)
 from t3d.evaluate.request import StudyRequest
 from t3d.evaluate.studies import prepare_cache, read_split
 
@@ -53,6 +63,15 @@ class StudyRun:
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
         """(M, E) unit-norm joint-space embeddings of ``texts`` (features cached under the cache's ``text/``)."""
         return text_embeddings(self.jm, texts, self.cache / "text", text_model=self.request.text_model or None)
+
+    def sentence_scores(self, ids: list[str], texts: list[str]) -> torch.Tensor:
+        """(N, M) ``align: sentence`` scores of studies ``ids`` vs ``texts``: each sentence's best region."""
+        r = self.request
+        regions, got = region_embeddings(self.jm, self.dataset(ids), r.crop_batch, r.workers)
+        if got != list(ids):
+            raise RuntimeError("region embeddings came back in another order than the studies were given")
+        sent, owner = sentence_embeddings(self.jm, texts, self.cache / "text", text_model=r.text_model or None)
+        return sentence_scores(regions, sent, owner, len(texts))
 
     def dataset(self, ids: list[str]):
         r = self.request

@@ -2,6 +2,10 @@
 
     hits = recall_hits(u @ t.T, ks=(1, 5, 10))       # (Q, 3): 1 where query i's own item is in its top k
     result = retrieval_metrics(u, t, n_boot=1000)    # both directions, intervals, chance k / N
+    result = retrieval_from_scores(scores)           # the same from an (N, N) image x report score matrix
+
+Checkpoints trained with ``align: sentence`` are scored as pre-training scored them: each report sentence against
+the study's best-matching tile (``t3d.evaluate.joint.sentence_scores``), not by the study embedding ``u``.
 
 Query i (a study's image, or its report) has exactly one correct item: the same study's report (or image).
 Ties in similarity are broken at random in expectation, so a collapsed model that gives every item the same score
@@ -61,8 +65,24 @@ def retrieval_metrics(
     """
     if image_emb.shape != text_emb.shape:
         raise ValueError(f"image {tuple(image_emb.shape)} and report {tuple(text_emb.shape)} embeddings differ")
-    n = image_emb.shape[0]
     sim = image_emb.double() @ text_emb.double().T  # (N, N): image i vs report j
+    return retrieval_from_scores(sim, ks, n_boot, seed, ci, reports)
+
+
+def retrieval_from_scores(
+    sim: torch.Tensor,
+    ks: Sequence[int] = KS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    reports: Sequence[str] | None = None,
+) -> dict:
+    """``retrieval_metrics`` of a square (N, N) score matrix, image i (row) vs report j (column): for scores that are
+    not a dot product of two embeddings (``align: sentence``: ``t3d.evaluate.joint.sentence_scores``)."""
+    sim = torch.as_tensor(sim, dtype=torch.float64)
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1]:
+        raise ValueError(f"expected a square (N, N) image x report score matrix, got {tuple(sim.shape)}")
+    n = sim.shape[0]
     idx = bootstrap_indices(n, n_boot, seed)
     out: dict = {"n_studies": n, "chance": {f"R@{k}": min(1.0, k / n) for k in ks}}
     for name, s in (("image_to_report", sim), ("report_to_image", sim.T)):
@@ -104,10 +124,15 @@ def run_retrieval(
     ids, reports = report_texts(run.cache, run.jm.cfg.text.sections, run.wanted())
     if len(ids) < 2:
         raise ValueError(f"retrieval needs at least 2 studies with a report, {manifest} gave {len(ids)}")
-    image_emb, _ = run.image_embeddings(ids)
-    text_emb = run.text_embeddings(reports)
     jm = run.jm
-    result = retrieval_metrics(image_emb, text_emb, n_boot=n_boot, seed=seed, reports=reports)
+    if jm.sentence_aligned:  # the score pre-training optimised: each sentence's best region
+        sim = run.sentence_scores(ids, reports)
+        result = retrieval_from_scores(sim, n_boot=n_boot, seed=seed, reports=reports)
+    else:
+        image_emb, _ = run.image_embeddings(ids)
+        text_emb = run.text_embeddings(reports)
+        result = retrieval_metrics(image_emb, text_emb, n_boot=n_boot, seed=seed, reports=reports)
+    result["scores"] = "sentence" if jm.sentence_aligned else "global"
     result.update(checkpoint=str(request.checkpoint), method=jm.method, step=jm.step, manifest=str(manifest))
     write_metrics(run.out, result)
     preamble = [f"checkpoint `{request.checkpoint}` (method {jm.method}, step {jm.step}); manifest `{manifest}`"]

@@ -35,7 +35,7 @@ from t3d.config import ConfigError
 from t3d.configfile import dataclass_from_args
 from t3d.data.labels import prepare_label_cache, read_labels
 from t3d.data.manifest import id_mismatch
-from t3d.evaluate.joint import logit_scale, text_embeddings
+from t3d.evaluate.joint import logit_scale, region_embeddings, text_embeddings
 from t3d.evaluate.pipeline import open_run
 from t3d.evaluate.report import classification_markdown, plot_roc, write_metrics
 from t3d.evaluate.request import StudyRequest
@@ -103,14 +103,25 @@ def zeroshot_probabilities(image_emb: torch.Tensor, pos: torch.Tensor, neg: torc
 
     Softmax over the pair (positive, negative) of ``scale * cosine``, which equals ``sigmoid(scale * (u·p - u·n))``.
     """
-    logits = scale * torch.stack([image_emb @ pos.T, image_emb @ neg.T], dim=-1)  # (N, L, 2)
+    return pair_probabilities(image_emb @ pos.T, image_emb @ neg.T, scale)
+
+
+def pair_probabilities(pos_scores: torch.Tensor, neg_scores: torch.Tensor, scale: float) -> np.ndarray:
+    """(N, L) scores of the positive and of the negative prompts -> (N, L) softmax P(positive) at ``scale``."""
+    logits = scale * torch.stack([pos_scores, neg_scores], dim=-1)  # (N, L, 2)
     return torch.softmax(logits.double(), dim=-1)[..., 0].numpy()
 
 
+def best_region_scores(regions: list[torch.Tensor], prompts: torch.Tensor) -> torch.Tensor:
+    """(N, L): per study, each prompt's cosine with the study's best-matching region (``align: sentence``)."""
+    return torch.stack([(r @ prompts.T).amax(dim=0) for r in regions])
+
+
 def prompt_embeddings(jm, prompts: dict, cache_dir: str | Path, text_model: str | None = None):
-    """(L, E) positive and (L, E) negative ensembled prompt embeddings, in ``prompts`` order."""
+    """(L, E) positive and (L, E) negative ensembled prompt embeddings, in ``prompts`` order (as sentences for an
+    ``align: sentence`` checkpoint)."""
     texts = sorted({t for sides in prompts.values() for side in SIDES for t in sides[side]})
-    emb = text_embeddings(jm, texts, cache_dir, text_model=text_model)  # (T, E)
+    emb = text_embeddings(jm, texts, cache_dir, text_model=text_model, as_sentences=jm.sentence_aligned)  # (T, E)
     row = {t: n for n, t in enumerate(texts)}
     pick = {side: torch.stack([ensemble(emb[[row[t] for t in p[side]]]) for p in prompts.values()]) for side in SIDES}
     return pick["positive"], pick["negative"]
@@ -141,16 +152,21 @@ def run_zeroshot(
             + id_mismatch(list(table.ids), wanted or [], "labelled, cached studies", f"split '{split}' of {splits}")
         )
     pos, neg = prompt_embeddings(jm, prompt_set, run.cache / "text", request.text_model or None)
-    image_emb, got = run.image_embeddings(ids)
-    y = table.labels_of(got)
     scale = logit_scale(jm)
-    probs = zeroshot_probabilities(image_emb, pos, neg, scale)
+    if jm.sentence_aligned:  # a prompt is one sentence: scored by the study's best region, as in pre-training
+        regions, got = region_embeddings(jm, run.dataset(ids), request.crop_batch, request.workers)
+        probs = pair_probabilities(best_region_scores(regions, pos), best_region_scores(regions, neg), scale)
+    else:
+        image_emb, got = run.image_embeddings(ids)
+        probs = zeroshot_probabilities(image_emb, pos, neg, scale)
+    y = table.labels_of(got)
     result = {
         "task": "zeroshot",
         "checkpoint": str(checkpoint),
         "method": jm.method,
         "step": jm.step,
         "logit_scale": scale,
+        "scores": "sentence" if jm.sentence_aligned else "global",
         "classes": table.classes,
         "split": split if splits else "all",
         "test": classification_metrics(y, probs, 0.5, table.classes, n_boot, seed, ci, stratified),
