@@ -13,6 +13,9 @@ Per run (a ``t3d pretrain`` folder of a joint-space method):
   excludes chance (``ci_low > chance``).
 - ``heldout_study_cos``: mean pairwise cosine of the held-out study embeddings (the ``t3d evaluate`` pooling).
   Gate: < 0.9.
+- ``align: sentence`` runs (``"scores": "sentence"``) are scored as pre-training scored them: a report's sentences
+  each against the study's best tile, averaged (``t3d.evaluate.joint.sentence_scores``); their study embedding for
+  the collapse gate is the normalised mean of the study's tile embeddings.
 - text diagnostic (methods with a restoration decoder): L1 of restoring the hidden lesion voxels of held-out crops
   with a shuffled report minus with the study's own report (``text_diagnostic``; the studies whose crop draws hid a
   lesion voxel; ``*_all_voxels``: every hidden voxel), paired bootstrap over studies. Gate: the interval excludes 0
@@ -51,8 +54,16 @@ from t3d.data.cache import write_json_atomic
 from t3d.data.crops import CropDataset
 from t3d.data.synthetic.findings import LESION_LABELS
 from t3d.evaluate.features import frozen_encoder, study_features
-from t3d.evaluate.joint import image_embeddings, load_joint, study_dataset, text_embeddings
-from t3d.evaluate.retrieval import retrieval_metrics
+from t3d.evaluate.joint import (
+    image_embeddings,
+    load_joint,
+    region_embeddings,
+    sentence_embeddings,
+    sentence_scores,
+    study_dataset,
+    text_embeddings,
+)
+from t3d.evaluate.retrieval import retrieval_from_scores
 from t3d.evaluate.retrieval_probe import RetrievalProbeConfig
 from t3d.evaluate.studies import read_split, report_texts
 from t3d.losses.objective import mean_pairwise_cosine
@@ -60,7 +71,7 @@ from t3d.metrics import bootstrap_indices, percentile_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git_revision  # noqa: E402
-from transfer_stages import derangement, report_conditions, restoration_batch  # noqa: E402
+from transfer_stages import derangement, one_report, report_conditions, restoration_batch  # noqa: E402
 
 GATES = {"align_share": 0.3, "heldout_study_cos": 0.9}
 """Thresholds of issue 10 item 3: align share at least, held-out cosine below."""
@@ -84,9 +95,10 @@ def align_share(logged: dict, batch: int) -> dict:
     return {"align": logged["align"], "log_b": chance, "target_entropy": floor, "align_share": share}
 
 
-def top1_share(u: torch.Tensor, t: torch.Tensor) -> float:
-    """Largest fraction of images whose top-1 report is the same report (1/N: spread; near 1: one hub report)."""
-    best = (u.double() @ t.double().T).argmax(dim=1)
+def top1_share(sim: torch.Tensor) -> float:
+    """Largest fraction of images whose top-1 report is the same report (1/N: spread; near 1: one hub report);
+    ``sim`` (N, N): image i vs report j."""
+    best = sim.double().argmax(dim=1)
     return float(torch.bincount(best).max()) / len(best)
 
 
@@ -132,7 +144,7 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
             batch = restoration_batch(jm, item)
             lesion = torch.isin(item["labels"][:, 1], lesion_classes)  # (K, 1, D, H, W): the restored views
             for name, source in (("true", n), ("shuffled", int(perm[n]))):
-                cond = {key: v[source : source + 1] for key, v in text.items()}
+                cond = one_report(jm, text, source)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 1009 + n)  # same mask both times
                 out = model(batch, cond, generator=generator)
                 l1 = (out["restored"].float() - out["target"].float()).abs().mean(dim=1, keepdim=True)
@@ -169,12 +181,13 @@ def finding_oracle_r5(sets: list[frozenset], seed: int, draws: int = 20) -> floa
     return float(np.mean(hits))
 
 
-def same_findings_r5(u: torch.Tensor, t: torch.Tensor, sets: list[frozenset]) -> dict:
+def same_findings_r5(sim: torch.Tensor, sets: list[frozenset]) -> dict:
     """Share of held-out images whose 5 best reports include one with the image's own finding set (phrasing aside),
-    and its chance under a random ranking: did the joint space learn findings, even where it cannot match wording?"""
+    and its chance under a random ranking: did the joint space learn findings, even where it cannot match wording?
+    ``sim`` (N, N): image i vs report j."""
     n = len(sets)
     k = min(5, n)  # fewer than 5 reports: every one is in the top k
-    top = (u @ t.T).topk(k, dim=1).indices.tolist()
+    top = sim.topk(k, dim=1).indices.tolist()
     hit = [any(sets[j] == sets[i] for j in row) for i, row in enumerate(top)]
     same = [sum(s == sets[i] for s in sets) for i in range(n)]  # the own report included
     chance = [1.0 - math.comb(n - m, k) / math.comb(n, k) for m in same]
@@ -189,11 +202,18 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
     out = {"method": jm.method, "step": jm.step, **align_share(logged, jm.cfg.train.batch_size)}
     out["final_log"] = {k: logged[k] for k in ("view", "tau_align", "study_cos", "restore", "loss") if k in logged}
     ids, texts = report_texts(cache, jm.cfg.text.sections, ids)
-    u, got = image_embeddings(jm, study_dataset(jm.cfg, jm.spec, cache, ids, max_crops=args.max_crops))
+    data = study_dataset(jm.cfg, jm.spec, cache, ids, max_crops=args.max_crops)
+    u, got = image_embeddings(jm, data)
     if got != ids:
         raise ValueError(f"{cache}: the cached studies and their reports do not line up")
     t = text_embeddings(jm, texts, cache / "text")
-    r = retrieval_metrics(u, t, n_boot=args.n_boot, seed=args.seed, reports=texts)
+    sim = u @ t.T  # (N, N) image i vs report j, as pre-training scored a pair
+    if jm.sentence_aligned:  # each report sentence against the study's best tile; u = the tiles' mean direction
+        regions, _ = region_embeddings(jm, data)
+        sim = sentence_scores(regions, *sentence_embeddings(jm, texts, cache / "text"), len(texts))
+        u = torch.nn.functional.normalize(torch.stack([r.mean(dim=0) for r in regions]), dim=-1)
+        out["scores"] = "sentence"
+    r = retrieval_from_scores(sim, n_boot=args.n_boot, seed=args.seed, reports=texts)
     r5 = r["image_to_report"]["R@5"]
     out.update(
         n_heldout=len(ids),
@@ -203,14 +223,14 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
         retrieval_chance=r["chance"]["R@5"],
         heldout_study_cos=float(mean_pairwise_cosine(u)),
         heldout_report_cos=float(mean_pairwise_cosine(t)),
-        top1_report_share=top1_share(u, t),
+        top1_report_share=top1_share(sim),
         heldout_study_spread=relative_spread(u),
         heldout_report_spread=relative_spread(t),
         heldout_feature_spread=relative_spread(encoder_features(run_dir, cache, ids)),
         duplicate_reports=r.get("duplicate_reports", 0),
     )
     if args.ground_truth:
-        out.update(same_findings_r5(u, t, finding_sets(Path(args.ground_truth), ids)))
+        out.update(same_findings_r5(sim, finding_sets(Path(args.ground_truth), ids)))
     if jm.model.decoder is not None:
         diag = text_diagnostic(jm, cache, ids, texts, args.repeats, args.seed)
         for j, suffix in ((1, ""), (0, "_all_voxels")):  # the gate reads lesion voxels

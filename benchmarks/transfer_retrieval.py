@@ -41,7 +41,7 @@ def finding_vectors(sets: list[frozenset], vocab: list) -> torch.Tensor:
 def _summary(r: dict, sets: list[frozenset] | None) -> dict:
     u, v = r.pop("embeddings")
     if sets is not None:
-        r.update(same_findings_r5(u, v, sets))
+        r.update(same_findings_r5(u @ v.T, sets))
     return r
 
 

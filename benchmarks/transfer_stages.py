@@ -164,6 +164,15 @@ def report_conditions(jm, reports: list[str], cache: Path) -> dict[str, torch.Te
     return text
 
 
+def one_report(jm, text: dict[str, torch.Tensor], row: int) -> dict[str, torch.Tensor]:
+    """Report ``row`` of ``report_conditions`` as a one-study batch; an ``align: sentence`` model's forward also
+    reads sentences (its alignment outputs, which the restoration branch does not use): the report as one sentence."""
+    cond = {k: v[row : row + 1] for k, v in text.items()}
+    if jm.sentence_aligned:
+        cond.update(sent=cond["frozen"], sent_owner=torch.zeros(1, dtype=torch.long))
+    return cond
+
+
 def restoration_batch(jm, item: dict) -> dict[str, torch.Tensor]:
     """A one-study batch of ``item``'s crop views; tiled models also get those crops as the study's tiles (the
     restoration branch never reads them, but the forward builds the study embedding from them)."""
@@ -198,7 +207,7 @@ def text_diagnostic(run_dir: Path, cache: Path, ids: list[str] | None, repeats: 
             n = row[item["id"]]
             batch = restoration_batch(jm, item)
             for name, source in (("true", n), ("shuffled", int(perm[n]))):
-                cond = {k: v[source : source + 1] for k, v in text.items()}
+                cond = one_report(jm, text, source)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 1009 + n)  # same mask both times
                 out = model(batch, cond, generator=generator)
                 errors[name][r, n] = float(restoration_loss(out["restored"], out["target"], out["mask"], 0.0))
