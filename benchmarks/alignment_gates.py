@@ -203,16 +203,17 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
     out["final_log"] = {k: logged[k] for k in ("view", "tau_align", "study_cos", "restore", "loss") if k in logged}
     ids, texts = report_texts(cache, jm.cfg.text.sections, ids)
     data = study_dataset(jm.cfg, jm.spec, cache, ids, max_crops=args.max_crops)
-    u, got = image_embeddings(jm, data)
-    if got != ids:
-        raise ValueError(f"{cache}: the cached studies and their reports do not line up")
     t = text_embeddings(jm, texts, cache / "text")
-    sim = u @ t.T  # (N, N) image i vs report j, as pre-training scored a pair
     if jm.sentence_aligned:  # each report sentence against the study's best tile; u = the tiles' mean direction
-        regions, _ = region_embeddings(jm, data)
+        regions, got = region_embeddings(jm, data)
         sim = sentence_scores(regions, *sentence_embeddings(jm, texts, cache / "text"), len(texts))
         u = torch.nn.functional.normalize(torch.stack([r.mean(dim=0) for r in regions]), dim=-1)
         out["scores"] = "sentence"
+    else:
+        u, got = image_embeddings(jm, data)
+        sim = u @ t.T  # (N, N) image i vs report j, as pre-training scored a pair
+    if got != ids:
+        raise ValueError(f"{cache}: the cached studies and their reports do not line up")
     r = retrieval_from_scores(sim, n_boot=args.n_boot, seed=args.seed, reports=texts)
     r5 = r["image_to_report"]["R@5"]
     out.update(

@@ -165,6 +165,7 @@ def paired(results: Results, kind: str, metric: str, fraction, a: str, b: str, n
     seeds = sorted(set(results.seeds(kind, a, fraction)) & set(results.seeds(kind, b, fraction)))
     if not seeds:
         return None
+    extra = {}
     if metric == "auroc":
         ga, gb = (results.score_tensor(kind, m, fraction, seeds) for m in (a, b))
         if ga is None or gb is None or ga[2] != gb[2] or len(ga[2]) == 0:
@@ -176,9 +177,8 @@ def paired(results: Results, kind: str, metric: str, fraction, a: str, b: str, n
         if not reps or ga is None or gb is None or ga[2] != gb[2]:
             return None
         d = paired_dice(ga[0], gb[0], ga[1], n_boot, repeats=len(reps))
-        runs = d["per_run_delta"]
-        return {"value": d["mean"], "low": d["low"], "high": d["high"], "seeds": seeds, "per_run_delta": runs}
-    return {"value": d["mean"], "low": d["low"], "high": d["high"], "seeds": seeds}
+        extra = {"per_run_delta": d["per_run_delta"]}
+    return {"value": d["mean"], "low": d["low"], "high": d["high"], "seeds": seeds, **extra}
 
 
 def sensitivity_gate(

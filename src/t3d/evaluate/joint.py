@@ -64,6 +64,12 @@ class JointModel:
         """Trained with ``align: sentence``: a report meets a study through its sentences' best tiles, not ``u``."""
         return self.spec.align == "sentence"
 
+    def require_sent_mean(self) -> torch.Tensor:
+        """The sentence-corpus mean, or a clear error for a checkpoint trained without sentences."""
+        if self.sent_mean is None:
+            raise ValueError(f"{self.path} has no sent_mean: it was not trained with align: sentence by this version")
+        return self.sent_mean
+
     @property
     def method(self) -> str:
         return self.spec.name
@@ -234,10 +240,9 @@ def sentence_embeddings(
     """(S, E) unit-norm joint-space embeddings of the sentences of ``texts`` and (S,) the text each belongs to (every
     text owns >= 1): frozen encoder -> centre by the checkpoint's sentence-corpus mean -> normalise -> text head."""
     jm.require_joint_space()
-    if jm.sent_mean is None:
-        raise ValueError(f"{jm.path} has no sent_mean: it was not trained with align: sentence by this version")
+    mean = jm.require_sent_mean()
     feats = load_text_features(list(texts), text_config(jm, text_model), cache_dir, sentences=True)
-    frozen = F.normalize(feats.sent.float() - jm.sent_mean, dim=-1)  # (S, Et)
+    frozen = F.normalize(feats.sent.float() - mean, dim=-1)  # (S, Et)
     return jm.model.text_head(frozen.to(jm.device)).float().cpu(), feats.sent_owner.long().cpu()
 
 
@@ -265,11 +270,7 @@ def text_embeddings(
     mean -> normalise -> text head (the pre-training path of ``TextLookup``). ``as_sentences``: each text is one
     sentence of an ``align: sentence`` checkpoint (a zero-shot prompt), centred by the sentence-corpus mean."""
     jm.require_joint_space()
-    mean = jm.text_mean
-    if as_sentences:
-        if jm.sent_mean is None:
-            raise ValueError(f"{jm.path} has no sent_mean: it was not trained with align: sentence by this version")
-        mean = jm.sent_mean
+    mean = jm.require_sent_mean() if as_sentences else jm.text_mean
     feats = load_text_features(list(texts), text_config(jm, text_model), cache_dir)
     if jm.text_model and feats.model_id != jm.text_model:
         raise ValueError(

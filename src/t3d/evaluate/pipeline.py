@@ -64,14 +64,18 @@ class StudyRun:
         """(M, E) unit-norm joint-space embeddings of ``texts`` (features cached under the cache's ``text/``)."""
         return text_embeddings(self.jm, texts, self.cache / "text", text_model=self.request.text_model or None)
 
-    def sentence_scores(self, ids: list[str], texts: list[str]) -> torch.Tensor:
-        """(N, M) ``align: sentence`` scores of studies ``ids`` vs ``texts``: each sentence's best region."""
-        r = self.request
-        regions, got = region_embeddings(self.jm, self.dataset(ids), r.crop_batch, r.workers)
+    def region_embeddings(self, ids: list[str]) -> list[torch.Tensor]:
+        """Per study of ``ids`` (in that order), its (K, E) unit-norm region embeddings (``align: sentence``)."""
+        regions, got = region_embeddings(self.jm, self.dataset(ids), self.request.crop_batch, self.request.workers)
         if got != list(ids):
             raise RuntimeError("region embeddings came back in another order than the studies were given")
-        sent, owner = sentence_embeddings(self.jm, texts, self.cache / "text", text_model=r.text_model or None)
-        return sentence_scores(regions, sent, owner, len(texts))
+        return regions
+
+    def sentence_scores(self, ids: list[str], texts: list[str]) -> torch.Tensor:
+        """(N, M) ``align: sentence`` scores of studies ``ids`` vs ``texts``: each sentence's best region."""
+        text_model = self.request.text_model or None
+        sent, owner = sentence_embeddings(self.jm, texts, self.cache / "text", text_model=text_model)
+        return sentence_scores(self.region_embeddings(ids), sent, owner, len(texts))
 
     def dataset(self, ids: list[str]):
         r = self.request

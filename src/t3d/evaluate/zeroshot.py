@@ -35,7 +35,7 @@ from t3d.config import ConfigError
 from t3d.configfile import dataclass_from_args
 from t3d.data.labels import prepare_label_cache, read_labels
 from t3d.data.manifest import id_mismatch
-from t3d.evaluate.joint import logit_scale, region_embeddings, text_embeddings
+from t3d.evaluate.joint import logit_scale, text_embeddings
 from t3d.evaluate.pipeline import open_run
 from t3d.evaluate.report import classification_markdown, plot_roc, write_metrics
 from t3d.evaluate.request import StudyRequest
@@ -154,7 +154,7 @@ def run_zeroshot(
     pos, neg = prompt_embeddings(jm, prompt_set, run.cache / "text", request.text_model or None)
     scale = logit_scale(jm)
     if jm.sentence_aligned:  # a prompt is one sentence: scored by the study's best region, as in pre-training
-        regions, got = region_embeddings(jm, run.dataset(ids), request.crop_batch, request.workers)
+        regions, got = run.region_embeddings(ids), list(ids)
         probs = pair_probabilities(best_region_scores(regions, pos), best_region_scores(regions, neg), scale)
     else:
         image_emb, got = run.image_embeddings(ids)
