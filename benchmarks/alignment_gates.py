@@ -19,7 +19,9 @@ Per run (a ``t3d pretrain`` folder of a joint-space method):
 - text diagnostic (methods with a restoration decoder): L1 of restoring the hidden lesion voxels of held-out crops
   with a shuffled report minus with the study's own report (``text_diagnostic``; the studies whose crop draws hid a
   lesion voxel; ``*_all_voxels``: every hidden voxel), paired bootstrap over studies. Gate: the interval excludes 0
-  on the positive side.
+  on the positive side. ``text_diag_why`` says why it is what it is: how far the report moves the restored image at
+  all, the share of hidden voxels that are lesion voxels, the lesion voxels' L1 if restored as their own mean
+  (``oracle_l1``) and as their surroundings' mean (``host_fill_l1``), and the L1 per finding type.
 
 Diagnostics that say *why* a gate fails ride along: the logged ``L_view`` against log B, the learnt alignment
 temperature, the training-batch study cosine, the held-out report cosine, the relative spread (mean distance from
@@ -32,8 +34,10 @@ those pairs (``encoder_retrieval``, as the retrieval gate's controls are read in
 does the encoder hold what its joint space missed?
 With ``--ground-truth`` (synthetic data): ``finding_oracle.r5``, the R@5 of a model that knows each held-out study's
 findings (type, organ, side) exactly and nothing else, i.e. what the reports' findings allow at all once wording is
-set aside; and per run ``same_findings_r5``: the share of images whose 5 best reports include one with the image's
-own finding set, against its chance under a random ranking.
+set aside; per run ``same_findings_r5``: the share of images whose 5 best reports include one with the image's
+own finding set, against its chance under a random ranking; and ``report_lesion_chance``: per focal finding, how
+likely a voxel of the organ the report names is a lesion voxel (what a report can tell an L1-trained decoder
+about a hidden voxel).
 The JSON carries the git revision and the command line.
 """
 
@@ -49,9 +53,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
-from t3d.data.cache import write_json_atomic
+from t3d.data.cache import StudyCache, write_json_atomic
 from t3d.data.crops import CropDataset
+from t3d.data.synthetic.anatomy import ORGAN_LABELS
 from t3d.data.synthetic.findings import LESION_LABELS
 from t3d.evaluate.features import frozen_encoder, study_features
 from t3d.evaluate.joint import (
@@ -123,11 +129,48 @@ def encoder_features(run_dir: Path, cache: Path, ids: list[str]) -> torch.Tensor
     return x[:, : x.shape[1] // 2]  # the mean half of (mean, max)
 
 
+def lesion_floors(target: torch.Tensor, hidden: torch.Tensor, lesion: torch.Tensor, ring: int = 2) -> dict:
+    """What restoring the hidden lesion voxels of one crop could cost at best and what painting them as their
+    surroundings costs: per connected lesion component (26-connected), the L1 (mean over channels) of its hidden
+    voxels restored as the component's own mean intensity (``oracle``: knowing what and where, not the noise) and as
+    the mean of the non-lesion voxels within ``ring`` voxels of it (``host_fill``: a decoder that restores the organ
+    the lesion sits in). Sums and voxel counts, so crops and studies add up.
+
+    target: (C, D, H, W); hidden, lesion: (D, H, W) bool.
+    """
+    out = {"oracle": 0.0, "host_fill": 0.0, "voxels": 0, "host_fill_voxels": 0}
+    where = (hidden & lesion).numpy()
+    if not where.any():
+        return out
+    components, count = ndimage.label(lesion.numpy(), structure=np.ones((3, 3, 3)))
+    for c in range(1, count + 1):
+        comp = components == c
+        hid = torch.from_numpy(comp & where)
+        if not hid.any():
+            continue
+        voxels = target[:, hid]  # (C, hidden voxels of the component)
+        own = target[:, torch.from_numpy(comp)].mean(dim=1, keepdim=True)
+        out["oracle"] += float((voxels - own).abs().mean(dim=0).sum())
+        out["voxels"] += int(hid.sum())
+        around = torch.from_numpy(ndimage.binary_dilation(comp, iterations=ring)) & ~lesion
+        if around.any():
+            host = target[:, around].mean(dim=1, keepdim=True)
+            out["host_fill"] += float((voxels - host).abs().mean(dim=0).sum())
+            out["host_fill_voxels"] += int(hid.sum())
+    return out
+
+
 @torch.no_grad()
 def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: int, seed: int) -> dict:
     """Restoration L1 of held-out crops with each study's own report vs another study's (a derangement), the same
     crops and masks in both conditions: per study, over all hidden voxels and over hidden lesion voxels (NaN where a
     study's draws hid no lesion voxel). Tiled models get their crops as a one-tile study; restoration never reads it.
+
+    ``why`` pools over all studies what says why the difference is what it is: how far the report moves the
+    restored image at all (mean |restored with the true − with the shuffled report| on hidden lesion voxels and on
+    all hidden voxels), the share of hidden voxels that are lesion voxels (the part of the restoration loss a lesion
+    can earn), ``lesion_floors`` (the lesion voxels' L1 with their own mean and with their surroundings' mean) and
+    the L1 per finding type with the true and the shuffled report.
     """
     model = jm.model
     text = report_conditions(jm, texts, cache)
@@ -137,22 +180,93 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
     lesion_classes = torch.tensor(sorted(LESION_LABELS.values()))
     err = {c: np.zeros((2, len(ids))) for c in ("true", "shuffled")}  # [all hidden, hidden lesion] error sums
     count = np.zeros((2, len(ids)))
+    sums = {"change": np.zeros(2), "oracle": 0.0, "host_fill": 0.0, "host_fill_voxels": 0, "floor_voxels": 0}
+    by_finding = {name: {"true": 0.0, "shuffled": 0.0, "voxels": 0} for name in LESION_LABELS}
     for r in range(repeats):
         data.set_epoch(r)
         for item in data:
             n = row[item["id"]]
             batch = restoration_batch(jm, item)
-            lesion = torch.isin(item["labels"][:, 1], lesion_classes)  # (K, 1, D, H, W): the restored views
+            labels = item["labels"][:, 1]  # (K, 1, D, H, W): the restored views
+            lesion = torch.isin(labels, lesion_classes)
+            restored = {}
             for name, source in (("true", n), ("shuffled", int(perm[n]))):
                 cond = one_report(jm, text, source)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 1009 + n)  # same mask both times
                 out = model(batch, cond, generator=generator)
-                l1 = (out["restored"].float() - out["target"].float()).abs().mean(dim=1, keepdim=True)
+                restored[name] = out["restored"].float()
+                l1 = (restored[name] - out["target"].float()).abs().mean(dim=1, keepdim=True)
                 for j, where in enumerate((out["mask"], out["mask"] & lesion)):
                     err[name][j, n] += float(l1[where.expand_as(l1)].sum())
                     count[j, n] += float(where.sum()) if name == "true" else 0.0
+                for finding, label in LESION_LABELS.items():
+                    where = out["mask"] & (labels == label)
+                    by_finding[finding][name] += float(l1[where].sum())
+                    by_finding[finding]["voxels"] += int(where.sum()) if name == "true" else 0
+            change = (restored["true"] - restored["shuffled"]).abs().mean(dim=1, keepdim=True)
+            for j, where in enumerate((out["mask"], out["mask"] & lesion)):
+                sums["change"][j] += float(change[where].sum())
+            target = out["target"].float()
+            for k in range(target.shape[0]):
+                floors = lesion_floors(target[k], out["mask"][k, 0], lesion[k, 0])
+                sums["oracle"] += floors["oracle"]
+                sums["host_fill"] += floors["host_fill"]
+                sums["floor_voxels"] += floors["voxels"]
+                sums["host_fill_voxels"] += floors["host_fill_voxels"]
+    hidden, hidden_lesion = count.sum(axis=1)
+    why = {
+        "output_change_all_voxels": sums["change"][0] / max(hidden, 1),
+        "output_change": sums["change"][1] / hidden_lesion if hidden_lesion else None,
+        "lesion_share": hidden_lesion / max(hidden, 1),
+        "oracle_l1": sums["oracle"] / sums["floor_voxels"] if sums["floor_voxels"] else None,
+        "host_fill_l1": sums["host_fill"] / sums["host_fill_voxels"] if sums["host_fill_voxels"] else None,
+        "by_finding": {
+            f: {"true": v["true"] / v["voxels"], "shuffled": v["shuffled"] / v["voxels"], "voxels": v["voxels"]}
+            for f, v in by_finding.items()
+            if v["voxels"]
+        },
+    }
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {name: (e / count).tolist() for name, e in err.items()}
+        return {**{name: (e / count).tolist() for name, e in err.items()}, "why": why}
+
+
+def report_lesion_chance(ground_truth: Path, cache: Path, ids: list[str]) -> dict:
+    """Per focal finding type with an organ label: how likely a voxel of the organ a report names is a voxel of the
+    named lesion(s), lesion voxels / (organ + lesion voxels), over the studies whose report names it (median, 90th
+    percentile, max). An L1-trained decoder restores a hidden voxel to its conditional median, which the report
+    moves only where this chance (sharpened by what the visible voxels show) passes one half."""
+    rows = {}
+    for line in ground_truth.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["id"]] = row["findings"]
+    store = StudyCache(cache)
+    keys = {row["id"]: row["key"] for row in store.index()}
+    ratios: dict[str, list[float]] = {}
+    for i in ids:
+        if i not in rows or i not in keys:
+            raise ValueError(f"{ground_truth} / {cache}: study {i} is missing from the ground truth or the cache")
+        labels = None
+        named: dict[tuple[str, str], int] = {}
+        for f in rows[i]:
+            if f["type"] in LESION_LABELS and f.get("organ") in ORGAN_LABELS:
+                named[(f["type"], f["organ"])] = named.get((f["type"], f["organ"]), 0) + int(f["voxels"])
+        for (kind, organ), voxels in named.items():
+            if labels is None:
+                labels = store.label(keys[i])
+                if labels is None:
+                    raise ValueError(f"{cache}: study {i} has no label map; the lesion chance needs one")
+            host = int((labels == ORGAN_LABELS[organ]).sum())
+            ratios.setdefault(kind, []).append(voxels / (host + voxels))
+    return {
+        kind: {
+            "median": float(np.median(v)),
+            "p90": float(np.quantile(v, 0.9)),
+            "max": float(np.max(v)),
+            "studies": len(v),
+        }
+        for kind, v in sorted(ratios.items())
+    }
 
 
 def finding_sets(ground_truth: Path, ids: list[str]) -> list[frozenset]:
@@ -248,6 +362,7 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
                     f"text_diag_studies{suffix}": int(keep.sum()),
                 }
             )
+        out["text_diag_why"] = diag["why"]
     out["passes"] = gate_passes(out)
     return out
 
@@ -316,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             "studies_without_findings": sum(not s for s in sets),
         }
         print("finding oracle", json.dumps(result["finding_oracle"]))
+        result["report_lesion_chance"] = report_lesion_chance(Path(args.ground_truth), Path(args.cache), ids)
+        print("report lesion chance", json.dumps(result["report_lesion_chance"]))
     for spec in args.run:
         name, _, folder = spec.partition("=")
         if not folder:

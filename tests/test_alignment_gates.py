@@ -20,6 +20,8 @@ from alignment_gates import (  # noqa: E402
     finding_oracle_r5,
     finding_sets,
     gate_passes,
+    lesion_floors,
+    report_lesion_chance,
     same_findings_r5,
 )
 
@@ -79,19 +81,30 @@ def test_gates_pass_and_fail_on_their_thresholds():
     }
 
 
-def test_a_sentence_run_is_measured_by_its_sentences_best_tiles(tmp_path):
+@pytest.fixture(scope="module")
+def synth_cache(tmp_path_factory):
+    """Eight synthetic studies with reports and label maps, cached as the tiny test checkpoints preprocess them."""
+    from cls_helpers import synth_dataset, write_checkpoint
+    from t3d.evaluate.joint import load_joint
+    from t3d.evaluate.studies import prepare_cache
+
+    root = tmp_path_factory.mktemp("gates")
+    data = synth_dataset(root / "data", num_studies=8)
+    run = write_checkpoint(root / "run", "t3d")
+    prepare_cache(data / "pretrain.jsonl", root / "cache", load_joint(run, device=torch.device("cpu")).cfg.preprocess)
+    return data, root / "cache"
+
+
+def test_a_sentence_run_is_measured_by_its_sentences_best_tiles(tmp_path, synth_cache):
     from types import SimpleNamespace
 
     from alignment_gates import measure
-    from cls_helpers import synth_dataset, write_checkpoint
-    from t3d.evaluate.joint import load_joint
-    from t3d.evaluate.studies import cached_ids, prepare_cache
+    from cls_helpers import write_checkpoint
+    from t3d.evaluate.studies import cached_ids
 
-    data = synth_dataset(tmp_path / "data", num_studies=8)
+    data, cache = synth_cache
     run = write_checkpoint(tmp_path / "run", "t3d-sentence")
     (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 3.0, "align": 1.5, "target_entropy": 0.0}) + "\n")
-    cache = tmp_path / "cache"
-    prepare_cache(data / "pretrain.jsonl", cache, load_joint(run, device=torch.device("cpu")).cfg.preprocess)
     truth = data / "ground_truth.jsonl"
     args = SimpleNamespace(window=1, max_crops=4, n_boot=20, seed=0, repeats=1, ground_truth=str(truth))
     out = measure(run, cache, cached_ids(cache, None), args)
@@ -99,3 +112,96 @@ def test_a_sentence_run_is_measured_by_its_sentences_best_tiles(tmp_path):
     assert out["scores"] == "sentence" and out["n_heldout"] == len(ids) > 2 and out["method"] == "t3d-sentence"
     assert 0 <= out["retrieval_r5"] <= 1 and out["retrieval_chance"] == pytest.approx(min(1.0, 5 / len(ids)))
     assert -1 <= out["heldout_study_cos"] <= 1 and "same_findings_r5" in out and "text_diag_diff" in out
+
+
+def test_lesion_floors_restore_a_lesion_as_itself_or_as_its_host():
+    target = torch.full((2, 8, 8, 8), 0.2)
+    lesion = torch.zeros(8, 8, 8, dtype=torch.bool)
+    lesion[2:4, 2:4, 2:4] = True  # one 8-voxel lesion, 0.6 brighter than its organ
+    lesion[6, 6, 6] = True  # a second one, never hidden
+    target[:, lesion] = 0.8
+    target[0, 2, 2, 2] = 1.0  # texture in channel 0
+    hidden = torch.zeros(8, 8, 8, dtype=torch.bool)
+    hidden[:3] = True  # hides half of the first lesion and none of the second
+    out = lesion_floors(target, hidden, lesion)
+    assert out["voxels"] == out["host_fill_voxels"] == 4
+    own = 0.8 + 0.2 / 8  # channel 0's component mean; channel 1's is 0.8, so channel 1 costs nothing
+    expected_oracle = (abs(1.0 - own) / 2 + 3 * abs(0.8 - own) / 2) / 4  # hidden: (2, 2, 2) and three at 0.8
+    assert out["oracle"] / out["voxels"] == pytest.approx(expected_oracle, rel=1e-5)
+    assert out["host_fill"] / out["host_fill_voxels"] == pytest.approx(((0.8 + 0.6) / 2 + 3 * 0.6) / 4, rel=1e-5)
+    assert lesion_floors(target, ~lesion, lesion)["voxels"] == 0  # nothing of a lesion hidden: nothing counted
+
+
+def test_report_lesion_chance_is_lesion_over_host_voxels_of_the_named_organ(tmp_path):
+    from t3d.data.cache import StudyCache, StudyMeta
+
+    store = StudyCache(tmp_path / "cache")
+    labels = {"a": np.zeros((10, 10, 10), np.uint8), "b": np.zeros((10, 10, 10), np.uint8)}
+    labels["a"][:4, :5, :5] = 1  # 100 liver voxels
+    labels["a"][9, 9, :4] = 9  # its 4 lesion voxels (not liver-labelled)
+    labels["b"][:6, :10, :1] = 1  # 60 liver voxels
+    labels["b"][5:9, :10, 5] = 3  # 40 left-kidney voxels
+    for key, lab in labels.items():
+        meta = StudyMeta(
+            id=key,
+            key=key,
+            shape=lab.shape,
+            spacing=(1.0, 1.0, 1.0),
+            affine=np.eye(4).tolist(),
+            source="",
+            source_hash="",
+        )
+        store.write_study(meta, np.zeros(lab.shape, np.int16), lab)
+    store.write_index([{"id": k, "key": k} for k in labels])
+    truth = tmp_path / "ground_truth.jsonl"
+    rows = [
+        {
+            "id": "a",
+            "findings": [
+                {"type": "liver_lesion", "organ": "liver", "voxels": 4},
+                {"type": "hepatic_steatosis", "organ": "liver", "voxels": 100},
+            ],
+        },
+        {
+            "id": "b",
+            "findings": [
+                {"type": "liver_lesion", "organ": "liver", "voxels": 2},
+                {"type": "liver_lesion", "organ": "liver", "voxels": 6},
+                {"type": "renal_cyst", "organ": "kidney_left", "voxels": 10},
+                {"type": "pleural_effusion", "organ": "pleura", "voxels": 50},
+            ],
+        },
+    ]
+    truth.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = report_lesion_chance(truth, tmp_path / "cache", ["a", "b"])
+    assert set(out) == {"liver_lesion", "renal_cyst"}  # steatosis is no lesion, the pleura no labelled organ
+    assert out["liver_lesion"]["studies"] == 2 and out["liver_lesion"]["max"] == pytest.approx(8 / 68)
+    assert out["liver_lesion"]["median"] == pytest.approx((4 / 104 + 8 / 68) / 2)
+    assert out["renal_cyst"] == {"median": 0.2, "p90": 0.2, "max": 0.2, "studies": 1}
+    with pytest.raises(ValueError, match="study c is missing"):
+        report_lesion_chance(truth, tmp_path / "cache", ["a", "c"])
+
+
+def test_text_diagnostic_sees_whether_the_report_moves_the_restoration(tmp_path, synth_cache):
+    from alignment_gates import text_diagnostic
+    from cls_helpers import write_checkpoint
+    from t3d.evaluate.joint import load_joint
+    from t3d.evaluate.studies import cached_ids, report_texts
+
+    _, cache = synth_cache
+    jm = load_joint(write_checkpoint(tmp_path / "run", "t3d"), device=torch.device("cpu"))
+    ids, texts = report_texts(cache, jm.cfg.text.sections, cached_ids(cache, None))
+    untrained = text_diagnostic(jm, cache, ids, texts, repeats=1, seed=0)  # FiLM starts at identity
+    why = untrained["why"]
+    assert why["output_change_all_voxels"] == 0
+    np.testing.assert_array_equal(untrained["true"], untrained["shuffled"])  # NaN: no lesion voxel hidden
+    assert 0 < why["lesion_share"] < 1 and why["by_finding"]
+    assert 0 <= why["oracle_l1"] < why["host_fill_l1"]  # a lesion's own mean restores it better than its organ
+    torch.manual_seed(0)
+    for film in jm.model.decoder.films:
+        torch.nn.init.normal_(film.linear.weight, std=0.5)
+    moved = text_diagnostic(jm, cache, ids, texts, repeats=1, seed=0)
+    assert moved["why"]["output_change_all_voxels"] > 0 and moved["why"]["output_change"] > 0
+    assert moved["true"][0] != moved["shuffled"][0]
+    for finding, v in moved["why"]["by_finding"].items():
+        assert v["voxels"] == why["by_finding"][finding]["voxels"]  # the same crops and masks in both runs
