@@ -79,6 +79,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git_revision  # noqa: E402
 from transfer_stages import derangement, one_report, report_conditions, restoration_batch  # noqa: E402
 
+EXTENT = ("hidden_whole", "hidden_partly")
+"""The text diagnostic's split of hidden lesion voxels: lesions hidden entirely vs partly visible."""
 GATES = {"align_share": 0.3, "heldout_study_cos": 0.9}
 """Thresholds of issue 10 item 3: align share at least, held-out cosine below."""
 
@@ -134,11 +136,12 @@ def lesion_floors(target: torch.Tensor, hidden: torch.Tensor, lesion: torch.Tens
     surroundings costs: per connected lesion component (26-connected), the L1 (mean over channels) of its hidden
     voxels restored as the component's own mean intensity (``oracle``: knowing what and where, not the noise) and as
     the mean of the non-lesion voxels within ``ring`` voxels of it (``host_fill``: a decoder that restores the organ
-    the lesion sits in). Sums and voxel counts, so crops and studies add up.
+    the lesion sits in). Sums and voxel counts, so crops and studies add up. ``whole``: the hidden voxels of the
+    components that are hidden entirely (within the crop), where no visible voxel shows the decoder the lesion.
 
     target: (C, D, H, W); hidden, lesion: (D, H, W) bool.
     """
-    out = {"oracle": 0.0, "host_fill": 0.0, "voxels": 0, "host_fill_voxels": 0}
+    out = {"oracle": 0.0, "host_fill": 0.0, "voxels": 0, "host_fill_voxels": 0, "whole": torch.zeros_like(hidden)}
     where = (hidden & lesion).numpy()
     if not where.any():
         return out
@@ -152,6 +155,8 @@ def lesion_floors(target: torch.Tensor, hidden: torch.Tensor, lesion: torch.Tens
         own = target[:, torch.from_numpy(comp)].mean(dim=1, keepdim=True)
         out["oracle"] += float((voxels - own).abs().mean(dim=0).sum())
         out["voxels"] += int(hid.sum())
+        if int(hid.sum()) == int(comp.sum()):
+            out["whole"] |= hid
         around = torch.from_numpy(ndimage.binary_dilation(comp, iterations=ring)) & ~lesion
         if around.any():
             host = target[:, around].mean(dim=1, keepdim=True)
@@ -169,8 +174,10 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
     ``why`` pools over all studies what says why the difference is what it is: how far the report moves the
     restored image at all (mean |restored with the true − with the shuffled report| on hidden lesion voxels and on
     all hidden voxels), the share of hidden voxels that are lesion voxels (the part of the restoration loss a lesion
-    can earn), ``lesion_floors`` (the lesion voxels' L1 with their own mean and with their surroundings' mean) and
-    the L1 per finding type with the true and the shuffled report.
+    can earn), ``lesion_floors`` (the lesion voxels' L1 with their own mean and with their surroundings' mean), the
+    L1 per finding type with the true and the shuffled report, and the same for lesions hidden entirely vs partly
+    (``hidden_whole`` / ``hidden_partly``: only where some of a lesion is visible can the report say what is there
+    at a place the image points to).
     """
     model = jm.model
     text = report_conditions(jm, texts, cache)
@@ -182,6 +189,7 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
     count = np.zeros((2, len(ids)))
     sums = {"change": np.zeros(2), "oracle": 0.0, "host_fill": 0.0, "host_fill_voxels": 0, "floor_voxels": 0}
     by_finding = {name: {"true": 0.0, "shuffled": 0.0, "voxels": 0} for name in LESION_LABELS}
+    by_extent = {name: {"true": 0.0, "shuffled": 0.0, "voxels": 0} for name in EXTENT}
     for r in range(repeats):
         data.set_epoch(r)
         for item in data:
@@ -189,13 +197,13 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
             batch = restoration_batch(jm, item)
             labels = item["labels"][:, 1]  # (K, 1, D, H, W): the restored views
             lesion = torch.isin(labels, lesion_classes)
-            restored = {}
+            restored, errors = {}, {}
             for name, source in (("true", n), ("shuffled", int(perm[n]))):
                 cond = one_report(jm, text, source)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 1009 + n)  # same mask both times
                 out = model(batch, cond, generator=generator)
                 restored[name] = out["restored"].float()
-                l1 = (restored[name] - out["target"].float()).abs().mean(dim=1, keepdim=True)
+                l1 = errors[name] = (restored[name] - out["target"].float()).abs().mean(dim=1, keepdim=True)
                 for j, where in enumerate((out["mask"], out["mask"] & lesion)):
                     err[name][j, n] += float(l1[where.expand_as(l1)].sum())
                     count[j, n] += float(where.sum()) if name == "true" else 0.0
@@ -213,6 +221,11 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
                 sums["host_fill"] += floors["host_fill"]
                 sums["floor_voxels"] += floors["voxels"]
                 sums["host_fill_voxels"] += floors["host_fill_voxels"]
+                partly = out["mask"][k, 0] & lesion[k, 0] & ~floors["whole"]
+                for extent, where in (("hidden_whole", floors["whole"]), ("hidden_partly", partly)):
+                    for name in ("true", "shuffled"):
+                        by_extent[extent][name] += float(errors[name][k, 0][where].sum())
+                    by_extent[extent]["voxels"] += int(where.sum())
     hidden, hidden_lesion = count.sum(axis=1)
     why = {
         "output_change_all_voxels": sums["change"][0] / max(hidden, 1),
@@ -220,10 +233,13 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
         "lesion_share": hidden_lesion / max(hidden, 1),
         "oracle_l1": sums["oracle"] / sums["floor_voxels"] if sums["floor_voxels"] else None,
         "host_fill_l1": sums["host_fill"] / sums["host_fill_voxels"] if sums["host_fill_voxels"] else None,
-        "by_finding": {
-            f: {"true": v["true"] / v["voxels"], "shuffled": v["shuffled"] / v["voxels"], "voxels": v["voxels"]}
-            for f, v in by_finding.items()
-            if v["voxels"]
+        **{
+            key: {
+                f: {"true": v["true"] / v["voxels"], "shuffled": v["shuffled"] / v["voxels"], "voxels": v["voxels"]}
+                for f, v in groups.items()
+                if v["voxels"]
+            }
+            for key, groups in (("by_finding", by_finding), ("by_extent", by_extent))
         },
     }
     with np.errstate(invalid="ignore", divide="ignore"):

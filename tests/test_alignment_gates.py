@@ -129,7 +129,10 @@ def test_lesion_floors_restore_a_lesion_as_itself_or_as_its_host():
     expected_oracle = (abs(1.0 - own) / 2 + 3 * abs(0.8 - own) / 2) / 4  # hidden: (2, 2, 2) and three at 0.8
     assert out["oracle"] / out["voxels"] == pytest.approx(expected_oracle, rel=1e-5)
     assert out["host_fill"] / out["host_fill_voxels"] == pytest.approx(((0.8 + 0.6) / 2 + 3 * 0.6) / 4, rel=1e-5)
+    assert not out["whole"].any()  # half of the first lesion is visible
     assert lesion_floors(target, ~lesion, lesion)["voxels"] == 0  # nothing of a lesion hidden: nothing counted
+    whole = lesion_floors(target, lesion, lesion)["whole"]
+    assert torch.equal(whole, lesion)  # every lesion hidden entirely
 
 
 def test_report_lesion_chance_is_lesion_over_host_voxels_of_the_named_organ(tmp_path):
@@ -205,3 +208,5 @@ def test_text_diagnostic_sees_whether_the_report_moves_the_restoration(tmp_path,
     assert moved["true"][0] != moved["shuffled"][0]
     for finding, v in moved["why"]["by_finding"].items():
         assert v["voxels"] == why["by_finding"][finding]["voxels"]  # the same crops and masks in both runs
+    split = sum(v["voxels"] for v in moved["why"]["by_extent"].values())
+    assert split == sum(v["voxels"] for v in moved["why"]["by_finding"].values())  # whole + partly = every one
