@@ -19,7 +19,9 @@ Per run (a ``t3d pretrain`` folder of a joint-space method):
 - text diagnostic (methods with a restoration decoder): L1 of restoring the hidden lesion voxels of held-out crops
   with a shuffled report minus with the study's own report (``text_diagnostic``; the studies whose crop draws hid a
   lesion voxel; ``*_all_voxels``: every hidden voxel), paired bootstrap over studies. Gate: the interval excludes 0
-  on the positive side. ``text_diag_why`` says why it is what it is: how far the report moves the restored image at
+  on the positive side. ``*_focal_whole`` / ``*_focal_partly``: the same over focal lesions (not effusion)
+  hidden entirely / partly.
+  ``text_diag_why`` says why it is what it is: how far the report moves the restored image at
   all, the share of hidden voxels that are lesion voxels, the lesion voxels' L1 if restored as their own mean
   (``oracle_l1``) and as their surroundings' mean (``host_fill_l1``), and the L1 per finding type.
 
@@ -58,7 +60,7 @@ from scipy import ndimage
 from t3d.data.cache import StudyCache, write_json_atomic
 from t3d.data.crops import CropDataset
 from t3d.data.synthetic.anatomy import ORGAN_LABELS
-from t3d.data.synthetic.findings import LESION_LABELS
+from t3d.data.synthetic.findings import FOCAL, LESION_LABELS
 from t3d.evaluate.features import frozen_encoder, study_features
 from t3d.evaluate.joint import (
     image_embeddings,
@@ -79,8 +81,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import git_revision  # noqa: E402
 from transfer_stages import derangement, one_report, report_conditions, restoration_batch  # noqa: E402
 
-EXTENT = ("hidden_whole", "hidden_partly")
-"""The text diagnostic's split of hidden lesion voxels: lesions hidden entirely vs partly visible."""
 GATES = {"align_share": 0.3, "heldout_study_cos": 0.9}
 """Thresholds of issue 10 item 3: align share at least, held-out cosine below."""
 
@@ -168,16 +168,16 @@ def lesion_floors(target: torch.Tensor, hidden: torch.Tensor, lesion: torch.Tens
 @torch.no_grad()
 def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: int, seed: int) -> dict:
     """Restoration L1 of held-out crops with each study's own report vs another study's (a derangement), the same
-    crops and masks in both conditions: per study, over all hidden voxels and over hidden lesion voxels (NaN where a
-    study's draws hid no lesion voxel). Tiled models get their crops as a one-tile study; restoration never reads it.
+    crops and masks in both conditions: per study, over all hidden voxels, over hidden lesion voxels, and over the
+    hidden voxels of focal lesions hidden entirely and of those hidden partly (rows 0-3; NaN where a study's draws
+    hid none): only where part of a lesion is visible can a report say what is at a place the image points to.
+    Tiled models get their crops as a one-tile study; restoration never reads it.
 
     ``why`` pools over all studies what says why the difference is what it is: how far the report moves the
     restored image at all (mean |restored with the true − with the shuffled report| on hidden lesion voxels and on
     all hidden voxels), the share of hidden voxels that are lesion voxels (the part of the restoration loss a lesion
-    can earn), ``lesion_floors`` (the lesion voxels' L1 with their own mean and with their surroundings' mean), the
-    L1 per finding type with the true and the shuffled report, and the same for lesions hidden entirely vs partly
-    (``hidden_whole`` / ``hidden_partly``: only where some of a lesion is visible can the report say what is there
-    at a place the image points to).
+    can earn), ``lesion_floors`` (the lesion voxels' L1 with their own mean and with their surroundings' mean) and
+    the L1 per finding type with the true and the shuffled report.
     """
     model = jm.model
     text = report_conditions(jm, texts, cache)
@@ -185,11 +185,13 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
     row = {i: n for n, i in enumerate(ids)}
     data = CropDataset(cache, replace(jm.cfg.crops, augment=False), ids=ids, seed=seed, with_labels=True)
     lesion_classes = torch.tensor(sorted(LESION_LABELS.values()))
-    err = {c: np.zeros((2, len(ids))) for c in ("true", "shuffled")}  # [all hidden, hidden lesion] error sums
-    count = np.zeros((2, len(ids)))
+    focal_classes = torch.tensor(sorted(LESION_LABELS[f] for f in FOCAL))
+    # error sums per study over: all hidden voxels, hidden lesion voxels, hidden voxels of focal lesions hidden
+    # entirely, of focal lesions hidden partly
+    err = {c: np.zeros((4, len(ids))) for c in ("true", "shuffled")}
+    count = np.zeros((4, len(ids)))
     sums = {"change": np.zeros(2), "oracle": 0.0, "host_fill": 0.0, "host_fill_voxels": 0, "floor_voxels": 0}
     by_finding = {name: {"true": 0.0, "shuffled": 0.0, "voxels": 0} for name in LESION_LABELS}
-    by_extent = {name: {"true": 0.0, "shuffled": 0.0, "voxels": 0} for name in EXTENT}
     for r in range(repeats):
         data.set_epoch(r)
         for item in data:
@@ -197,49 +199,43 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
             batch = restoration_batch(jm, item)
             labels = item["labels"][:, 1]  # (K, 1, D, H, W): the restored views
             lesion = torch.isin(labels, lesion_classes)
-            restored, errors = {}, {}
+            outs = {}
             for name, source in (("true", n), ("shuffled", int(perm[n]))):
-                cond = one_report(jm, text, source)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + r * 1009 + n)  # same mask both times
-                out = model(batch, cond, generator=generator)
-                restored[name] = out["restored"].float()
-                l1 = errors[name] = (restored[name] - out["target"].float()).abs().mean(dim=1, keepdim=True)
-                for j, where in enumerate((out["mask"], out["mask"] & lesion)):
-                    err[name][j, n] += float(l1[where.expand_as(l1)].sum())
-                    count[j, n] += float(where.sum()) if name == "true" else 0.0
-                for finding, label in LESION_LABELS.items():
-                    where = out["mask"] & (labels == label)
-                    by_finding[finding][name] += float(l1[where].sum())
-                    by_finding[finding]["voxels"] += int(where.sum()) if name == "true" else 0
-            change = (restored["true"] - restored["shuffled"]).abs().mean(dim=1, keepdim=True)
-            for j, where in enumerate((out["mask"], out["mask"] & lesion)):
-                sums["change"][j] += float(change[where].sum())
-            target = out["target"].float()
+                outs[name] = model(batch, one_report(jm, text, source), generator=generator)
+            hidden, target = outs["true"]["mask"], outs["true"]["target"].float()
+            whole = torch.zeros_like(hidden)
             for k in range(target.shape[0]):
-                floors = lesion_floors(target[k], out["mask"][k, 0], lesion[k, 0])
-                sums["oracle"] += floors["oracle"]
-                sums["host_fill"] += floors["host_fill"]
+                floors = lesion_floors(target[k], hidden[k, 0], lesion[k, 0])
+                whole[k, 0] = floors["whole"]
+                for key in ("oracle", "host_fill", "host_fill_voxels"):
+                    sums[key] += floors[key]
                 sums["floor_voxels"] += floors["voxels"]
-                sums["host_fill_voxels"] += floors["host_fill_voxels"]
-                partly = out["mask"][k, 0] & lesion[k, 0] & ~floors["whole"]
-                for extent, where in (("hidden_whole", floors["whole"]), ("hidden_partly", partly)):
-                    for name in ("true", "shuffled"):
-                        by_extent[extent][name] += float(errors[name][k, 0][where].sum())
-                    by_extent[extent]["voxels"] += int(where.sum())
-    hidden, hidden_lesion = count.sum(axis=1)
+            l1 = {c: (o["restored"].float() - target).abs().mean(dim=1, keepdim=True) for c, o in outs.items()}
+            focal = hidden & torch.isin(labels, focal_classes)
+            for j, where in enumerate((hidden, hidden & lesion, focal & whole, focal & ~whole)):
+                count[j, n] += float(where.sum())
+                for name, e in l1.items():
+                    err[name][j, n] += float(e[where].sum())
+            for finding, label in LESION_LABELS.items():
+                where = hidden & (labels == label)
+                by_finding[finding]["voxels"] += int(where.sum())
+                for name, e in l1.items():
+                    by_finding[finding][name] += float(e[where].sum())
+            change = (outs["true"]["restored"].float() - outs["shuffled"]["restored"].float()).abs().mean(dim=1)
+            for j, where in enumerate((hidden, hidden & lesion)):
+                sums["change"][j] += float(change[where[:, 0]].sum())
+    hidden, hidden_lesion = count[:2].sum(axis=1)
     why = {
         "output_change_all_voxels": sums["change"][0] / max(hidden, 1),
         "output_change": sums["change"][1] / hidden_lesion if hidden_lesion else None,
         "lesion_share": hidden_lesion / max(hidden, 1),
         "oracle_l1": sums["oracle"] / sums["floor_voxels"] if sums["floor_voxels"] else None,
         "host_fill_l1": sums["host_fill"] / sums["host_fill_voxels"] if sums["host_fill_voxels"] else None,
-        **{
-            key: {
-                f: {"true": v["true"] / v["voxels"], "shuffled": v["shuffled"] / v["voxels"], "voxels": v["voxels"]}
-                for f, v in groups.items()
-                if v["voxels"]
-            }
-            for key, groups in (("by_finding", by_finding), ("by_extent", by_extent))
+        "by_finding": {
+            f: {"true": v["true"] / v["voxels"], "shuffled": v["shuffled"] / v["voxels"], "voxels": v["voxels"]}
+            for f, v in by_finding.items()
+            if v["voxels"]
         },
     }
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -364,9 +360,11 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
         out.update(same_findings_r5(sim, finding_sets(Path(args.ground_truth), ids)))
     if jm.model.decoder is not None:
         diag = text_diagnostic(jm, cache, ids, texts, args.repeats, args.seed)
-        for j, suffix in ((1, ""), (0, "_all_voxels")):  # the gate reads lesion voxels
+        for j, suffix in ((1, ""), (0, "_all_voxels"), (2, "_focal_whole"), (3, "_focal_partly")):  # gate: row 1
             true, shuffled = (np.asarray(diag[c][j]) for c in ("true", "shuffled"))
             keep = np.isfinite(true) & np.isfinite(shuffled)
+            if keep.sum() < 2:  # e.g. no lesion hidden entirely in any draw
+                continue
             d = paired_diff(shuffled[keep], true[keep], args.n_boot, args.seed)
             out.update(
                 {

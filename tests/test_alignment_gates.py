@@ -208,5 +208,7 @@ def test_text_diagnostic_sees_whether_the_report_moves_the_restoration(tmp_path,
     assert moved["true"][0] != moved["shuffled"][0]
     for finding, v in moved["why"]["by_finding"].items():
         assert v["voxels"] == why["by_finding"][finding]["voxels"]  # the same crops and masks in both runs
-    split = sum(v["voxels"] for v in moved["why"]["by_extent"].values())
-    assert split == sum(v["voxels"] for v in moved["why"]["by_finding"].values())  # whole + partly = every one
+    rows = np.asarray(moved["true"])  # all hidden, hidden lesion, focal lesions hidden entirely, partly
+    assert rows.shape == (4, len(ids)) and np.isfinite(rows[0]).all()
+    focal = np.isfinite(rows[2]) | np.isfinite(rows[3])
+    assert focal.any() and not (focal & ~np.isfinite(rows[1])).any()  # focal lesion voxels are lesion voxels
