@@ -102,3 +102,39 @@ def test_tiled_checkpoint_embeds_with_the_training_tiles_and_pooling(tiny):
         row = ids.index(item["id"])
         np.testing.assert_allclose(image[row], u.numpy(), atol=1e-5)
         np.testing.assert_allclose(u_eval[row].numpy(), u.numpy(), atol=1e-5)
+
+
+def test_sentence_checkpoint_exports_what_its_score_reads(tiny):
+    """An ``align: sentence`` checkpoint never trained ``u`` against a report: ``embed`` writes every region and
+    sentence embedding, from which the evaluation's sentence scores follow exactly, and their mean directions."""
+    from t3d.evaluate.joint import region_embeddings, sentence_embeddings, sentence_scores
+    from t3d.evaluate.studies import report_texts
+
+    tiny["t3d-sentence"] = write_checkpoint(tiny["root"] / "ck_sentence", "t3d-sentence")
+    out = _embed(tiny, "t3d-sentence", "emb_sentence")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["scores"] == "sentence" and {"regions.npy", "sentences.npy"} <= set(meta["files"])
+    ids = json.loads((out / "ids.json").read_text())
+    regions, region_rows = np.load(out / "regions.npy"), np.load(out / "region_rows.npy")
+    sent, sent_rows = np.load(out / "sentences.npy"), np.load(out / "sentence_rows.npy")
+    assert set(region_rows) == set(sent_rows) == set(range(len(ids)))  # every study has regions and a report
+    np.testing.assert_allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
+    image, text = np.load(out / "image.npy"), np.load(out / "text.npy")
+    for row in (0, 3):
+        mean = regions[region_rows == row].mean(axis=0)
+        np.testing.assert_allclose(image[row], mean / np.linalg.norm(mean), atol=1e-5)
+        mean = sent[sent_rows == row].mean(axis=0)
+        np.testing.assert_allclose(text[row], mean / np.linalg.norm(mean), atol=1e-5)
+
+    jm = load_joint(tiny["t3d-sentence"], device=torch.device("cpu"))
+    expected_regions, got = region_embeddings(jm, study_dataset(jm.cfg, jm.spec, out / "cache", ids))
+    _, reports = report_texts(out / "cache", jm.cfg.text.sections, ids)
+    expected = sentence_scores(expected_regions, *sentence_embeddings(jm, reports, out / "cache" / "text"), len(ids))
+    from_files = sentence_scores(
+        [torch.from_numpy(regions[region_rows == r]) for r in range(len(ids))],
+        torch.from_numpy(sent),
+        torch.from_numpy(sent_rows).long(),
+        len(ids),
+    )
+    assert got == ids
+    torch.testing.assert_close(from_files, expected, atol=1e-5, rtol=1e-5)

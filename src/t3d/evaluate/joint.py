@@ -213,24 +213,33 @@ def pool_tiles(jm: JointModel, dataset: GridCropDataset, per_study: list[torch.T
 def region_embeddings(
     jm: JointModel, dataset: Dataset, crop_batch: int = 8, workers: int = 0
 ) -> tuple[list[torch.Tensor], list[str]]:
-    """Per study, (K_s, E) unit-norm joint-space embeddings of its regions, and the ids, in dataset order: the tiles
-    of a tiled checkpoint (``TilePooling.tile_embeddings`` with their body positions) or the grid crops through the
-    crop head of a crop checkpoint: what ``align: sentence`` matched each sentence against in pre-training."""
+    """Per study, (K_s, E) unit-norm joint-space embeddings of its regions, and the ids, in dataset order: what
+    ``align: sentence`` matched each sentence against in pre-training (``regions_from_features``)."""
+    require_regions(jm)  # before encoding
+    per_study, ids = encode_studies(dataset, jm.model.tile_features, jm.device, crop_batch, workers, desc="regions")
+    return regions_from_features(jm, dataset, per_study), ids
+
+
+@torch.no_grad()
+def regions_from_features(jm: JointModel, dataset: Dataset, per_study: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Region embeddings (K_s, E), unit norm, from each study's pooled encoder features (K_s, F) in dataset order:
+    the tiles of a tiled checkpoint (``TilePooling.tile_embeddings`` with their body positions) or the grid crops
+    through the crop head of a crop checkpoint."""
+    require_regions(jm)
     model = jm.model
     if jm.spec.tiles:
-        per_study, ids = encode_studies(dataset, model.tile_features, jm.device, crop_batch, workers, desc="tiles")
         out = []
         for index, feats in enumerate(per_study):
             pos = torch.from_numpy(dataset.positions(index))[None].to(jm.device)
             out.append(model.tile_pool.tile_embeddings(feats[None].to(jm.device), pos)[0].float().cpu())
-        return out, ids
-    if model.image_head is None:
+        return out
+    return [model.image_head(feats.to(jm.device)).float().cpu() for feats in per_study]
+
+
+def require_regions(jm: JointModel) -> None:
+    """A clear error for a checkpoint whose regions have no joint-space embedding (neither tiles nor a crop head)."""
+    if not jm.spec.tiles and jm.model.image_head is None:
         raise ValueError(f"checkpoint {jm.path} (method '{jm.method}') has no per-region embedding")
-
-    def crop_fn(x: torch.Tensor) -> torch.Tensor:
-        return model.image_head(model.encoder.pool(model.encoder.forward_features(x)))
-
-    return encode_studies(dataset, crop_fn, jm.device, crop_batch, workers, desc="region embeddings")
 
 
 @torch.no_grad()
