@@ -170,7 +170,7 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
     """Restoration L1 of held-out crops with each study's own report vs another study's (a derangement), the same
     crops and masks in both conditions: per study, over all hidden voxels, over hidden lesion voxels, and over the
     hidden voxels of focal lesions hidden entirely and of those hidden partly (rows 0-3; NaN where a study's draws
-    hid none): only where part of a lesion is visible can a report say what is at a place the image points to.
+    hid none): does the report add where the image shows nothing of the lesion, or where it shows part of it?
     Tiled models get their crops as a one-tile study; restoration never reads it.
 
     ``why`` pools over all studies what says why the difference is what it is: how far the report moves the
@@ -363,7 +363,7 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
         for j, suffix in ((1, ""), (0, "_all_voxels"), (2, "_focal_whole"), (3, "_focal_partly")):  # gate: row 1
             true, shuffled = (np.asarray(diag[c][j]) for c in ("true", "shuffled"))
             keep = np.isfinite(true) & np.isfinite(shuffled)
-            if keep.sum() < 2:  # e.g. no lesion hidden entirely in any draw
+            if j >= 2 and keep.sum() < 2:  # the focal rows only: e.g. no lesion hidden entirely in any draw
                 continue
             d = paired_diff(shuffled[keep], true[keep], args.n_boot, args.seed)
             out.update(

@@ -136,26 +136,14 @@ def test_lesion_floors_restore_a_lesion_as_itself_or_as_its_host():
 
 
 def test_report_lesion_chance_is_lesion_over_host_voxels_of_the_named_organ(tmp_path):
-    from t3d.data.cache import StudyCache, StudyMeta
+    from test_crops import write_cache
 
-    store = StudyCache(tmp_path / "cache")
     labels = {"a": np.zeros((10, 10, 10), np.uint8), "b": np.zeros((10, 10, 10), np.uint8)}
     labels["a"][:4, :5, :5] = 1  # 100 liver voxels
     labels["a"][9, 9, :4] = 9  # its 4 lesion voxels (not liver-labelled)
     labels["b"][:6, :10, :1] = 1  # 60 liver voxels
     labels["b"][5:9, :10, 5] = 3  # 40 left-kidney voxels
-    for key, lab in labels.items():
-        meta = StudyMeta(
-            id=key,
-            key=key,
-            shape=lab.shape,
-            spacing=(1.0, 1.0, 1.0),
-            affine=np.eye(4).tolist(),
-            source="",
-            source_hash="",
-        )
-        store.write_study(meta, np.zeros(lab.shape, np.int16), lab)
-    store.write_index([{"id": k, "key": k} for k in labels])
+    write_cache(tmp_path / "cache", {k: np.zeros(v.shape, np.int16) for k, v in labels.items()}, labels)
     truth = tmp_path / "ground_truth.jsonl"
     rows = [
         {
