@@ -37,9 +37,10 @@ does the encoder hold what its joint space missed?
 With ``--ground-truth`` (synthetic data): ``finding_oracle.r5``, the R@5 of a model that knows each held-out study's
 findings (type, organ, side) exactly and nothing else, i.e. what the reports' findings allow at all once wording is
 set aside; per run ``same_findings_r5``: the share of images whose 5 best reports include one with the image's
-own finding set, against its chance under a random ranking; and ``report_lesion_chance``: per focal finding, how
-likely a voxel of the organ the report names is a lesion voxel (what a report can tell an L1-trained decoder
-about a hidden voxel).
+own finding set, against its chance under a random ranking (``same_findings_excess``: hit minus chance per image,
+with an interval over held-out studies; ``same_findings_comparisons``: every two runs paired on the same
+studies); and ``report_lesion_chance``: per focal finding, how likely a voxel of the organ the report names is a
+lesion voxel (what a report can tell an L1-trained decoder about a hidden voxel).
 The JSON carries the git revision and the command line.
 """
 
@@ -311,13 +312,32 @@ def same_findings_r5(sim: torch.Tensor, sets: list[frozenset]) -> dict:
     """Share of held-out images whose 5 best reports include one with the image's own finding set (phrasing aside),
     and its chance under a random ranking: did the joint space learn findings, even where it cannot match wording?
     ``sim`` (N, N): image i vs report j."""
+    hit, chance = same_findings_hits(sim, sets)
+    return {"same_findings_r5": float(np.mean(hit)), "same_findings_r5_chance": float(np.mean(chance))}
+
+
+def same_findings_hits(sim: torch.Tensor, sets: list[frozenset]) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of ``same_findings_r5``: 1.0 where its 5 best reports include its own finding set, and the chance
+    of that under a random ranking (its own report counts: a set shared by m of N reports)."""
     n = len(sets)
     k = min(5, n)  # fewer than 5 reports: every one is in the top k
     top = sim.topk(k, dim=1).indices.tolist()
     hit = [any(sets[j] == sets[i] for j in row) for i, row in enumerate(top)]
     same = [sum(s == sets[i] for s in sets) for i in range(n)]  # the own report included
     chance = [1.0 - math.comb(n - m, k) / math.comb(n, k) for m in same]
-    return {"same_findings_r5": float(np.mean(hit)), "same_findings_r5_chance": float(np.mean(chance))}
+    return np.asarray(hit, dtype=float), np.asarray(chance)
+
+
+def same_findings_comparisons(runs: dict[str, dict], n_boot: int, seed: int) -> list[dict]:
+    """Paired same-findings R@5 of every two runs measured on the same held-out studies: mean(hit_a - hit_b) with a
+    percentile interval over resampled studies."""
+    names = [name for name, r in runs.items() if "same_findings_hits" in r]
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            d = paired_diff(runs[a]["same_findings_hits"], runs[b]["same_findings_hits"], n_boot, seed)
+            out.append({"a": a, "b": b, "diff": d["value"], "ci_low": d["low"], "ci_high": d["high"]})
+    return out
 
 
 def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
@@ -357,7 +377,16 @@ def measure(run_dir: Path, cache: Path, ids: list[str], args) -> dict:
         duplicate_reports=r.get("duplicate_reports", 0),
     )
     if args.ground_truth:
-        out.update(same_findings_r5(sim, finding_sets(Path(args.ground_truth), ids)))
+        hit, chance = same_findings_hits(sim, finding_sets(Path(args.ground_truth), ids))
+        excess = paired_diff(hit, chance, args.n_boot, args.seed)
+        out.update(
+            same_findings_r5=float(hit.mean()),
+            same_findings_r5_chance=float(chance.mean()),
+            same_findings_excess=excess["value"],
+            same_findings_excess_ci_low=excess["low"],
+            same_findings_excess_ci_high=excess["high"],
+            same_findings_hits=hit.astype(int).tolist(),
+        )
     if jm.model.decoder is not None:
         diag = text_diagnostic(jm, cache, ids, texts, args.repeats, args.seed)
         for j, suffix in ((1, ""), (0, "_all_voxels"), (2, "_focal_whole"), (3, "_focal_partly")):  # gate: row 1
@@ -455,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.probe_train:
             result["runs"][name]["encoder_retrieval"] = encoder_retrieval(Path(folder), ids, args)
         print(name, json.dumps({k: v for k, v in result["runs"][name].items() if k != "final_log"}))
+    if args.ground_truth and len(result["runs"]) > 1:
+        result["same_findings_comparisons"] = same_findings_comparisons(result["runs"], args.n_boot, args.seed)
+        print("same findings, paired", json.dumps(result["same_findings_comparisons"]))
     write_json_atomic(Path(args.out), result)
     return 0
 

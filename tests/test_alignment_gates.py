@@ -22,6 +22,8 @@ from alignment_gates import (  # noqa: E402
     gate_passes,
     lesion_floors,
     report_lesion_chance,
+    same_findings_comparisons,
+    same_findings_hits,
     same_findings_r5,
 )
 
@@ -47,6 +49,9 @@ def test_same_findings_r5_and_its_chance():
     rng = np.random.default_rng(0)
     hits = [any(sets[j] == sets[0] for j in rng.permutation(30)[:5]) for _ in range(4000)]
     assert np.mean(hits) == pytest.approx(chance, abs=0.03)
+    hit, per_image = same_findings_hits(u @ t.T, sets)
+    assert hit.mean() == got["same_findings_r5"] and set(hit) <= {0.0, 1.0}
+    assert per_image.mean() == pytest.approx(chance)
     # Fewer than 5 held-out studies: every report is in the top k, a hit and chance alike.
     assert same_findings_r5(u[:3] @ t[:3].T, sets[:3]) == {"same_findings_r5": 1.0, "same_findings_r5_chance": 1.0}
 
@@ -112,6 +117,10 @@ def test_a_sentence_run_is_measured_by_its_sentences_best_tiles(tmp_path, synth_
     assert out["scores"] == "sentence" and out["n_heldout"] == len(ids) > 2 and out["method"] == "t3d-sentence"
     assert 0 <= out["retrieval_r5"] <= 1 and out["retrieval_chance"] == pytest.approx(min(1.0, 5 / len(ids)))
     assert -1 <= out["heldout_study_cos"] <= 1 and "same_findings_r5" in out and "text_diag_diff" in out
+    assert len(out["same_findings_hits"]) == len(ids)
+    excess = out["same_findings_r5"] - out["same_findings_r5_chance"]
+    assert out["same_findings_excess"] == pytest.approx(excess)
+    assert out["same_findings_excess_ci_low"] <= excess <= out["same_findings_excess_ci_high"]
 
 
 def test_lesion_floors_restore_a_lesion_as_itself_or_as_its_host():
@@ -200,3 +209,13 @@ def test_text_diagnostic_sees_whether_the_report_moves_the_restoration(tmp_path,
     assert rows.shape == (4, len(ids)) and np.isfinite(rows[0]).all()
     focal = np.isfinite(rows[2]) | np.isfinite(rows[3])
     assert focal.any() and not (focal & ~np.isfinite(rows[1])).any()  # focal lesion voxels are lesion voxels
+
+
+def test_same_findings_comparisons_pair_runs_on_the_same_studies():
+    hits = np.zeros(60, dtype=int)
+    hits[:30] = 1
+    runs = {"a": {"same_findings_hits": hits.tolist()}, "b": {"same_findings_hits": [0] * 60}, "c": {}}
+    (only,) = same_findings_comparisons(runs, n_boot=200, seed=0)  # "c" has no hits: left out
+    assert (only["a"], only["b"], only["diff"]) == ("a", "b", 0.5) and 0.3 < only["ci_low"] < 0.5 < only["ci_high"]
+    tied = same_findings_comparisons({"a": runs["a"], "b": runs["a"]}, n_boot=200, seed=0)[0]
+    assert tied["diff"] == tied["ci_low"] == tied["ci_high"] == 0  # the same studies, paired: no spread at all
