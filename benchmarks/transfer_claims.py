@@ -37,6 +37,13 @@ GATE_KEYS = (
     "text_diag_ci_low",
 )
 """Per-run fields of ``alignment_gates`` (a restoration-free method has no text diagnostic: None)."""
+WHY_KEYS = (
+    "text_diag_diff_focal_whole",
+    "text_diag_ci_low_focal_whole",
+    "same_findings_excess",
+    "same_findings_excess_ci_low",
+)
+"""Diagnostic fields copied where the alignment stage measured them (``benchmarks/alignment_gates.py``)."""
 
 
 def alignment_gates(results: Sequence[dict]) -> dict:
@@ -47,9 +54,11 @@ def alignment_gates(results: Sequence[dict]) -> dict:
             continue
         row = {k: r.get(k) for k in GATE_KEYS}
         row["passes"] = r["passes"]
-        for k in ("same_findings_r5", "same_findings_r5_chance", "n_heldout"):
+        for k in ("same_findings_r5", "same_findings_r5_chance", "n_heldout", *WHY_KEYS):
             if k in r:
                 row[k] = r[k]
+        if "text_diag_why" in r:
+            row["text_diag_output_change"] = r["text_diag_why"]["output_change_all_voxels"]
         out.setdefault(r["method"], {})[str(r["seed"])] = row
     return out
 
@@ -64,8 +73,9 @@ def alignment_table(gates: dict) -> list[str]:
         return []
     lines = [
         "| method | seed | L_align share (>= 0.30) | R@5 i->r [CI low] vs chance | held-out study cos (< 0.9) | "
-        "text diag: shuffled - true on lesion voxels [CI low] | same-findings R@5 vs chance |",
-        "|---|---|---|---|---|---|---|",
+        "text diag: shuffled - true on lesion voxels [CI low] | same-findings R@5 vs chance | "
+        "report moves restoration (per hidden voxel) | text diag, focal lesions hidden entirely [CI low] |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method in sorted(gates):
         for seed, g in sorted(gates[method].items()):
@@ -78,11 +88,17 @@ def alignment_table(gates: dict) -> list[str]:
             same = (
                 f"{g['same_findings_r5']:.3f} vs {g['same_findings_r5_chance']:.3f}" if "same_findings_r5" in g else "—"
             )
+            moved = f"{g['text_diag_output_change']:.4f}" if "text_diag_output_change" in g else "—"
+            whole = (
+                f"{g['text_diag_diff_focal_whole']:+.4f} [{g['text_diag_ci_low_focal_whole']:+.4f}]"
+                if "text_diag_diff_focal_whole" in g
+                else "—"
+            )
             lines.append(
                 f"| {method} | {seed} | {g['align_share']:.2f} {_mark(p['align_share'])} | "
                 f"{g['retrieval_r5']:.3f} [{g['retrieval_r5_ci_low']:.3f}] vs {g['retrieval_chance']:.3f} "
                 f"{_mark(p['retrieval_above_chance'])} | {g['heldout_study_cos']:.3f} {_mark(p['heldout_study_cos'])} "
-                f"| {diag} | {same} |"
+                f"| {diag} | {same} | {moved} | {whole} |"
             )
     return lines
 

@@ -422,7 +422,10 @@ def alignment_lines(s: dict) -> list[str]:
         "Gates: L_align covers at least 30 % of the way from log B to its floor H(Y); image -> report R@5 interval "
         "above chance (5 / N); mean pairwise cosine of held-out study embeddings below 0.9; restoring hidden lesion "
         "voxels worse with a shuffled report than with the study's own (interval above 0; restoration methods only). "
-        "Same-findings R@5: the share of images whose 5 best reports include one with the image's own finding set.",
+        "Same-findings R@5: the share of images whose 5 best reports include one with the image's own finding set. "
+        "Why the text diagnostic is what it is (not gates): how far another report moves the restored image (mean "
+        "|difference| per hidden voxel), and shuffled - true over focal lesions hidden entirely, where the image shows "
+        "nothing of them (docs/method.md §7; '—': the stage predates these fields).",
         "",
         *controls,
     ]

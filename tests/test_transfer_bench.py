@@ -595,6 +595,15 @@ def test_alignment_gates_table_from_alignment_stages():
     assert row["text_diag_diff"] is None and row["align_share"] == 0.4 and row["passes"] == passes
     line = transfer_claims.alignment_table(gates)[2]
     assert line.startswith("| clip | 0 | 0.40 **pass** | 0.100 [0.050] vs 0.078 fail | 0.500 **pass** | n/a |")
+    assert line.endswith("| — | — |")  # a stage from before the diagnostics: nothing invented
+    why = {"output_change_all_voxels": 0.0183, "output_change": 0.02, "lesion_share": 0.001}
+    t3d = stage | {"method": "t3d", "text_diag_diff": 0.0016, "text_diag_ci_low": -0.0006, "text_diag_why": why,
+                   "text_diag_diff_focal_whole": 0.0041, "text_diag_ci_low_focal_whole": 0.0013,
+                   "passes": passes | {"text_diagnostic": False}}  # fmt: skip
+    row = transfer_claims.alignment_gates([t3d])["t3d"]["0"]
+    assert row["text_diag_output_change"] == 0.0183 and row["text_diag_ci_low_focal_whole"] == 0.0013
+    line = transfer_claims.alignment_table({"t3d": {"0": row}})[2]
+    assert "| +0.0016 [-0.0006] fail |" in line and line.endswith("| 0.0183 | +0.0041 [+0.0013] |")
 
 
 def test_joint_space_runs_get_an_alignment_stage(tmp_path):
