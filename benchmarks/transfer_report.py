@@ -425,7 +425,8 @@ def alignment_lines(s: dict) -> list[str]:
         "Same-findings R@5: the share of images whose 5 best reports include one with the image's own finding set. "
         "Why the text diagnostic is what it is (not gates): how far another report moves the restored image (mean "
         "|difference| per hidden voxel), and shuffled - true over focal lesions hidden entirely, where the image shows "
-        "nothing of them (docs/method.md §7; '—': the stage predates these fields).",
+        "nothing of them (docs/method.md §7; '—': not measured: no restoration decoder, or a stage from before these "
+        "fields).",
         "",
         *controls,
     ]
