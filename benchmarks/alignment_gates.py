@@ -243,16 +243,18 @@ def text_diagnostic(jm, cache: Path, ids: list[str], texts: list[str], repeats: 
         return {**{name: (e / count).tolist() for name, e in err.items()}, "why": why}
 
 
+def ground_truth_findings(ground_truth: Path) -> dict[str, list[dict]]:
+    """``t3d synth``'s ``ground_truth.jsonl``: each study's finding records, by study id."""
+    rows = (json.loads(line) for line in ground_truth.read_text().splitlines() if line.strip())
+    return {row["id"]: row["findings"] for row in rows}
+
+
 def report_lesion_chance(ground_truth: Path, cache: Path, ids: list[str]) -> dict:
     """Per focal finding type with an organ label: how likely a voxel of the organ a report names is a voxel of the
     named lesion(s), lesion voxels / (organ + lesion voxels), over the studies whose report names it (median, 90th
     percentile, max). An L1-trained decoder restores a hidden voxel to its conditional median, which the report
     moves only where this chance (sharpened by what the visible voxels show) passes one half."""
-    rows = {}
-    for line in ground_truth.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["id"]] = row["findings"]
+    rows = ground_truth_findings(ground_truth)
     store = StudyCache(cache)
     keys = {row["id"]: row["key"] for row in store.index()}
     ratios: dict[str, list[float]] = {}
@@ -284,11 +286,10 @@ def report_lesion_chance(ground_truth: Path, cache: Path, ids: list[str]) -> dic
 
 def finding_sets(ground_truth: Path, ids: list[str]) -> list[frozenset]:
     """Each study's findings as a set of (type, organ, side) from ``t3d synth``'s ``ground_truth.jsonl``."""
-    rows = {}
-    for line in ground_truth.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["id"]] = frozenset((f["type"], f.get("organ"), f.get("side")) for f in row["findings"])
+    rows = {
+        i: frozenset((f["type"], f.get("organ"), f.get("side")) for f in findings)
+        for i, findings in ground_truth_findings(ground_truth).items()
+    }
     missing = [i for i in ids if i not in rows]
     if missing:
         raise ValueError(f"{ground_truth}: no ground truth for {len(missing)} held-out studies, e.g. {missing[0]}")

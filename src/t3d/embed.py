@@ -64,7 +64,6 @@ def run_embed(request: StudyRequest, manifest: str | Path, root: str | Path | No
 
     per_study, got = run.encode(ids, crop_fn, desc="embed")
     features = torch.stack([f.mean(dim=0) for f in per_study])  # (N, F)
-    image = study_embeddings(jm, per_study)  # (N, E): the study embedding pre-training aligned with the reports
     files = ["image.npy", "features.npy"]
     sentence = jm.has_joint_space and jm.sentence_aligned
     if sentence:  # what the sentence score reads: every region, and their mean direction as a summary
@@ -75,6 +74,8 @@ def run_embed(request: StudyRequest, manifest: str | Path, root: str | Path | No
         files += ["regions.npy", "region_rows.npy"]
     elif jm.spec.tiles:  # the study embedding training optimised: attention pooling of the tiles
         image = pool_tiles(jm, run.dataset(got), per_study)
+    else:  # (N, E): the study embedding pre-training aligned with the reports
+        image = study_embeddings(jm, per_study)
     np.save(out / "image.npy", image.numpy().astype(np.float32))
     np.save(out / "features.npy", features.numpy().astype(np.float32))
     has_text = np.zeros(len(got), dtype=bool)
